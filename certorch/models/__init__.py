@@ -1,0 +1,1 @@
+"""certorch.models"""
