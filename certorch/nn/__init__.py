@@ -1,1 +1,4 @@
 """certorch.nn"""
+from certorch.nn.normalize import Normalize
+
+__all__ = ["Normalize"]
