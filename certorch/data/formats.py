@@ -1,0 +1,138 @@
+"""Readers for the standard on-disk formats, decoded whole with numpy (no per-item loops).
+
+* MNIST / Fashion-MNIST: IDX files (gzip-compressed or raw), big-endian header,
+  magic 2051 for images (N, 28, 28) and 2049 for labels (N,).
+* CIFAR-10: python pickle batches (``data_batch_1..5``, ``test_batch``), each a dict with
+  ``data`` (10000, 3072) uint8 (R, G, B planes row-major) and ``labels`` (list of ints).
+  They are read with a restricted unpickler that can only rebuild plain numpy arrays, so a
+  malicious file cannot run code; still, only read dataset files from sources you trust.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from certorch.errors import CertorchError
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CertorchError(f"cannot read {path}: {e.strerror or e}") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise CertorchError(f"corrupt gzip file {path}: {e}") from None
+    return raw
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """Decode an IDX file (``.gz`` or raw) into a uint8 array of the shape its header states.
+
+    ``magic`` is the expected header value (2051 images, 2049 labels); a wrong magic, a
+    truncated payload or trailing bytes raise :class:`CertorchError`.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 8:
+        raise CertorchError(f"corrupt IDX file {path}: only {len(data)} bytes")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise CertorchError(f"corrupt IDX file {path}: magic number {found}, expected {magic}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise CertorchError(f"corrupt IDX file {path}: truncated header")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(data) - header != expected:
+        raise CertorchError(
+            f"corrupt IDX file {path}: header says {shape} ({expected} bytes) but {len(data) - header} bytes follow"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_pair(images_path: str | Path, labels_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 1, H, W)`` uint8 and labels ``(N,)`` int64 from an MNIST-style IDX pair."""
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if images.ndim != 3:
+        raise CertorchError(f"corrupt IDX file {images_path}: expected 3 dimensions (N, H, W), got {images.shape}")
+    if labels.ndim != 1:
+        raise CertorchError(f"corrupt IDX file {labels_path}: expected 1 dimension (N,), got {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise CertorchError(f"IDX files disagree: {images.shape[0]} images in {images_path}, {labels.shape[0]} labels in {labels_path}")
+    return images[:, None], labels.astype(np.int64)
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays/dtypes (plus builtin containers and scalars)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a dataset file")
+        if module.startswith("numpy") and name in ("_reconstruct", "scalar"):
+            try:
+                from numpy._core import multiarray  # numpy >= 2
+            except ImportError:  # pragma: no cover - numpy 1.x
+                from numpy.core import multiarray
+            return getattr(multiarray, name)
+        return super().find_class(module, name)
+
+
+def load_pickle(path: str | Path) -> object:
+    """Unpickle a trusted-format dataset file allowing only numpy arrays (``encoding="bytes"``)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _ArrayOnlyUnpickler(io.BufferedReader(f), encoding="bytes").load()
+    except OSError as e:
+        raise CertorchError(f"cannot read {path}: {e.strerror or e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CertorchError(f"corrupt pickle file {path}: {e}") from None
+
+
+def _get(d: dict, key: str):
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    return None
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 from one CIFAR-10 python batch."""
+    obj = load_pickle(path)
+    if not isinstance(obj, dict):
+        raise CertorchError(f"corrupt CIFAR batch {path}: expected a dict, got {type(obj).__name__}")
+    data, labels = _get(obj, "data"), _get(obj, "labels")
+    if data is None or labels is None:
+        raise CertorchError(f"corrupt CIFAR batch {path}: missing 'data' or 'labels'")
+    data = np.asarray(data)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
+        raise CertorchError(
+            f"corrupt CIFAR batch {path}: data {data.dtype}{tuple(data.shape)}, labels {tuple(labels.shape)}; "
+            "expected uint8 (N, 3072) and (N,)"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
