@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import zlib
 from pathlib import Path
@@ -105,7 +104,7 @@ def load_pickle(path: str | Path) -> object:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return _ArrayOnlyUnpickler(io.BufferedReader(f), encoding="bytes").load()
+            return _ArrayOnlyUnpickler(f, encoding="bytes").load()
     except OSError as e:
         raise CertorchError(f"cannot read {path}: {e.strerror or e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:

@@ -45,7 +45,8 @@ HOW_TO_GET = {
 
 def well_known_dirs() -> list[Path]:
     """The default search roots, in order (they need not exist)."""
-    return [Path.cwd() / ".." / "shared" / "datasets", REPO_ROOT / ".." / "shared" / "datasets", CACHE_DIR, SYSTEM_DIR]
+    dirs = [Path.cwd().parent / "shared" / "datasets", REPO_ROOT.parent / "shared" / "datasets", CACHE_DIR, SYSTEM_DIR]
+    return [Path(os.path.normpath(d)) for d in dirs]
 
 
 def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
