@@ -135,3 +135,31 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         )
     return data.reshape(-1, 3, 32, 32), labels
 
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as an IDX file (gzip-compressed if ``path`` ends in ``.gz``).
+
+    1-D arrays get the labels magic 2049, 3-D arrays the images magic 2051 (e.g. to save a
+    subset or build small test fixtures).
+    """
+    path = Path(path)
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = {1: IDX_LABELS_MAGIC, 3: IDX_IMAGES_MAGIC}.get(array.ndim)
+    if magic is None:
+        raise CertorchError(f"write_idx supports 1-D labels or 3-D images, got shape {array.shape}")
+    data = magic.to_bytes(4, "big") + np.asarray(array.shape, dtype=">u4").tobytes() + array.tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_cifar_batch(path: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """Write ``images`` ``(N, 3, 32, 32)`` uint8 and ``labels`` ``(N,)`` as a CIFAR-10 python batch."""
+    path = Path(path)
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
+        raise CertorchError(f"write_cifar_batch expects images (N, 3, 32, 32), got {images.shape}")
+    batch = {b"data": images.reshape(len(images), -1), b"labels": [int(v) for v in labels]}
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    return path
