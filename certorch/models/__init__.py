@@ -10,5 +10,8 @@ from certorch.models.registry import ModelInfo, build, count_params, list_models
 # Family modules (import for the registration side effect). One line per family.
 from certorch.models import tiny  # noqa: E402,F401
 from certorch.models import wong  # noqa: E402,F401
+from certorch.models import mixtrain  # noqa: E402,F401
+from certorch.models import colt  # noqa: E402,F401
+from certorch.models import crown_ibp  # noqa: E402,F401
 
 __all__ = ["ModelInfo", "build", "count_params", "list_models", "model_info", "register_model"]

@@ -13,6 +13,7 @@ so ``eps`` is always in pixel space.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,10 +88,15 @@ def build(name: str, dataset: str = "mnist", normalize: bool = True, **kwargs: A
         raise CertorchError(
             f"model {name!r} does not support dataset {dataset!r}; supported: {', '.join(info.datasets)}"
         )
+    sig = inspect.signature(info.builder)
     try:
-        body = info.builder(ds.input_shape, ds.num_classes, **kwargs)
-    except TypeError as e:  # bad kwargs
-        raise CertorchError(f"cannot build {name!r}: {e}") from None
+        sig.bind(ds.input_shape, ds.num_classes, **kwargs)
+    except TypeError:
+        accepted = list(sig.parameters)[2:]
+        raise CertorchError(
+            f"bad arguments {sorted(kwargs)} for model {name!r}; accepted: {', '.join(accepted) or 'none'}"
+        ) from None
+    body = info.builder(ds.input_shape, ds.num_classes, **kwargs)
     layers: list[nn.Module] = [Normalize(ds.mean, ds.std)] if normalize else []
     if isinstance(body, nn.Sequential):
         layers.extend(body)
@@ -102,11 +108,12 @@ def build(name: str, dataset: str = "mnist", normalize: bool = True, **kwargs: A
 
 
 def count_params(model: nn.Module, weights_only: bool = False) -> int:
-    """Number of trainable parameters (buffers such as Normalize's mean/std excluded).
+    """Number of trainable parameters; buffers (Normalize's mean/std, BatchNorm running
+    stats) are never counted.
 
-    ``weights_only=True`` skips biases (and other 1-D parameters such as BatchNorm affine
-    terms are still counted as weights only if named ``weight``): it counts tensors named
-    ``*.weight`` of Linear/Conv layers, matching how some papers report sizes.
+    ``weights_only=True`` counts only the ``weight`` tensors of ``nn.Linear`` / ``nn.Conv2d``
+    (no biases, no BatchNorm affine terms), which is how some papers (e.g. MixTrain) report
+    network sizes.
     """
     total = 0
     for mod in model.modules():

@@ -14,15 +14,37 @@ from certorch.nn import Normalize
 # (name, dataset) -> expected number of trainable parameters (weights + biases), unless
 # the name is in WEIGHTS_ONLY (papers that count weights only).
 EXPECTED = {
-    ("mnist_small", "mnist"): 166_406,  # Wong et al. 2018
+    # Wong, Schmidt, Metzen, Kolter 2018 (figures from the paper / convex_adversarial)
+    ("mnist_small", "mnist"): 166_406,
     ("mnist_large", "mnist"): 1_974_762,
     ("cifar_small", "cifar10"): 214_918,
     ("cifar_large", "cifar10"): 2_466_858,
     ("cifar_resnet", "cifar10"): 4_214_850,
+    # COLT: conv 1*32*25+32, 32*64*16+64, FC 64*7*7*100+100, 100*10+10
+    ("colt_mnist", "mnist"): 348_374,
+    # COLT: 896 + 16,416 + 65,664 + (128*8*8*250+250) + 2,510
+    ("colt_cifar", "cifar10"): 2_133_736,
+    # Gowal et al. DM nets (hand-computed from the layer list, VALID / SAME paddings)
+    ("dm_small", "mnist"): 329_606,  # 272 + 8,224 + 32*10*10*100+100 + 1,010
+    ("dm_small", "cifar10"): 470_918,  # 784 + 8,224 + 32*12*12*100+100 + 1,010
+    ("dm_medium", "mnist"): 893_418,  # spatial 28-26-12-10-4
+    ("dm_medium", "cifar10"): 1_188_906,  # spatial 32-30-14-12-5
+    ("dm_large", "cifar10"): 17_190_602,  # ~17M as reported
+    ("dm_large", "mnist"): 13_257_290,
+    # Shi et al. 2021 CNN-7: dm_large + 5 BatchNorm2d (2*(64+64+128+128+128)) + BatchNorm1d(512)
+    ("cnn7", "cifar10"): 17_192_650,
+    # MixTrain: with biases (weights-only figures from the paper are in WEIGHTS_ONLY)
+    ("mnist_fc1", "mnist"): 669_706,
+    ("mnist_fc2", "mnist"): 18_413_578,
+    # demo models
     ("digits_mlp", "digits"): 6_570,
     ("digits_cnn", "digits"): 9_802,
 }
-WEIGHTS_ONLY: dict[tuple[str, str], int] = {}
+# MixTrain reports weights only (no biases).
+WEIGHTS_ONLY = {
+    ("mnist_fc1", "mnist"): 668_672,
+    ("mnist_fc2", "mnist"): 18_403_328,
+}
 
 
 class NormalizeLeafTracer(fx.Tracer):
@@ -137,3 +159,43 @@ def test_register_duplicate_name_rejected() -> None:
 def test_builds_are_independent() -> None:
     a, b = build("digits_mlp", dataset="digits"), build("digits_mlp", dataset="digits")
     assert a[2].weight.data_ptr() != b[2].weight.data_ptr()
+
+
+def test_resnet_skip_connections_traced() -> None:
+    torch.manual_seed(0)
+    model = build("cifar_resnet", dataset="cifar10").eval()
+    graph = NormalizeLeafTracer().trace(model)
+    adds = [n for n in graph.nodes if n.op == "call_function" and n.target.__name__ in ("add", "iadd")]
+    assert len(adds) == 4  # one skip per residual block
+    block = model[3]
+    x = torch.randn(2, 16, 32, 32)
+    with torch.no_grad():
+        ref = torch.relu(block.conv_skip(x) + block.conv_b(torch.relu(block.conv_a(x))))
+        torch.testing.assert_close(block(x), ref)
+
+
+def test_batchnorm_model_train_and_eval() -> None:
+    torch.manual_seed(0)
+    model = build("cnn7", dataset="cifar10")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 5
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 1
+    x = torch.rand(2, 3, 32, 32)
+    assert model.train()(x).shape == (2, 10)
+    assert model.eval()(x).shape == (2, 10)
+
+
+def test_dtype_follows_model() -> None:
+    model = build("digits_cnn", dataset="digits").double()
+    y = model(torch.rand(2, 1, 8, 8, dtype=torch.float64))
+    assert y.dtype == torch.float64 and model[0].std.dtype == torch.float64
+
+
+def test_docs_list_every_model() -> None:
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "models.md"
+    if not doc.exists():
+        pytest.skip("docs/models.md not present")
+    text = doc.read_text()
+    missing = [n for n in list_models() if f"`{n}`" not in text]
+    assert not missing, f"models missing from docs/models.md: {missing}"
