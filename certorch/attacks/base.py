@@ -3,7 +3,8 @@
 Contract of :meth:`Attack.__call__` (the only public way to run an attack):
 
 1. validate the inputs: ``x`` is a floating tensor (B, *input_shape) without NaN/inf, ``y`` is
-   an integer tensor (B,) with labels in ``[0, K)`` (K read from one clean forward pass),
+   an integer tensor (B,) with labels in ``[0, K)`` (K and the (B, K) logit shape are checked
+   on the first model output, by a hook, before any loss uses ``y``),
    ``eps`` passes :func:`certorch.spec.check_eps`; the threat set is
    ``box = linf_ball(x, eps, lo, hi)`` (ball ∩ data box);
 2. freeze the model parameters (``requires_grad`` off for the duration of the call, restored
@@ -46,8 +47,8 @@ class AttackResult:
         success: (B,) bool, True where the model misclassifies ``x_adv`` (argmax != y).
         margin: (B,) ``min_{j != y} logit[y] - logit[j]`` at ``x_adv``; negative means success.
         logits: (B, K) model outputs at ``x_adv``.
-        queries: forward calls of the model made by :meth:`Attack.run` (the validation and the
-            final evaluation passes are not counted).
+        queries: forward calls of the model made by :meth:`Attack.run` (the final evaluation
+            pass is not counted).
         seconds: wall-clock time of the whole call.
     """
 
@@ -92,32 +93,46 @@ def frozen_parameters(model: Model) -> Iterator[None]:
 
 
 class _CountingModel:
-    """Wraps a model (nn.Module or callable) and counts forward calls; attribute access passes through."""
+    """Wraps a model (nn.Module or callable) for one ``run``: counts forward calls and validates
+    the first output (logit shape, label range) right after it is produced, before any loss
+    can index it with ``y``. Saves a separate validation forward pass."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, y: Tensor):
         self._model = model
+        self._y = y
         self.calls = 0
-        self._handle = None
+        self.validated = False
+        self._handles = []
         if isinstance(model, nn.Module):
-            self._handle = model.register_forward_pre_hook(self._count)
+            self._handles = [
+                model.register_forward_pre_hook(self._count),
+                model.register_forward_hook(self._check),
+            ]
 
     def _count(self, *_args) -> None:
         self.calls += 1
 
+    def _check(self, _module, _inputs, output) -> None:
+        if not self.validated:
+            _check_logits(output, self._y)
+            self.validated = True
+
     def target(self) -> Model:
         """The object handed to ``run``: the module itself (hooked), or a counting closure."""
-        if self._handle is not None:
+        if self._handles:
             return self._model
 
         def counted(x: Tensor) -> Tensor:
             self.calls += 1
-            return self._model(x)
+            out = self._model(x)
+            self._check(None, (x,), out)
+            return out
 
         return counted
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for h in self._handles:
+            h.remove()
 
 
 def _eps_tensor(eps: float | Tensor, x: Tensor) -> float | Tensor:
@@ -204,9 +219,7 @@ class Attack:
             eps_t = _eps_tensor(eps, x)
             box = linf_ball(x, eps_t, lo, hi)  # checks finiteness of x, eps range, lo <= hi
             with frozen_parameters(model):
-                with torch.no_grad():
-                    _check_logits(model(x), y)
-                counter = _CountingModel(model)
+                counter = _CountingModel(model, y)
                 try:
                     x_adv = self.run(counter.target(), x, y, box, eps_t)
                 finally:
@@ -220,6 +233,7 @@ class Attack:
                 x_adv = project(x_adv, box)
                 with torch.no_grad():
                     logits = model(x_adv)
+        _check_logits(logits, y)  # also covers a run() that never called the model
         logits = logits.detach()
         margin = worst_margin(logits, y)
         success = logits.argmax(dim=1) != y
