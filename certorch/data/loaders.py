@@ -36,7 +36,7 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=4)
 def _cached_raw(name: str, files: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
     del stamps  # part of the cache key only: a changed file is read again
     if name == "cifar10":
@@ -45,14 +45,22 @@ def _cached_raw(name: str, files: tuple[str, ...], stamps: tuple[tuple[int, int]
         labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     else:
         images, labels = read_idx_pair(files[0], files[1])
+    if labels.size and (labels.min() < 0 or labels.max() >= dataset_info(name).num_classes):
+        raise CertorchError(f"corrupt {name} labels in {files[-1]}: values outside 0..{dataset_info(name).num_classes - 1}")
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
 
 
-def raw_arrays(name: str, split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Undecoded pixels: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` (read-only, cached).
+def clear_cache() -> None:
+    """Drop the decoded arrays kept between :func:`load` calls (keyed by path, mtime and size)."""
+    _cached_raw.cache_clear()
 
+
+def raw_arrays(name: str, split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Undecoded pixels: images ``(N, C, H, W)`` and int64 labels ``(N,)``, read-only and cached.
+
+    Images are uint8 (0..255) for the file-based sets and float32 in ``[0, 1]`` for ``digits``.
     Cheaper than :func:`load` when only labels or statistics are needed (no float copy).
     """
     key = dataset_info(name).name

@@ -285,3 +285,16 @@ def test_cifar_batch_wrong_shape(tmp_path):
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2))
     with pytest.raises(CertorchError, match="corrupt CIFAR batch"):
         read_cifar_batch(path)
+
+
+def test_labels_out_of_range_rejected(tmp_path, no_env):
+    folder = fake_mnist(tmp_path / "mnist", n=3)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 10], dtype=np.uint8))
+    with pytest.raises(CertorchError, match="outside 0..9"):
+        load("mnist", "test", data_dir=tmp_path)
+
+
+def test_docs_example_runs():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/data.md", "exec"), {})
