@@ -1,1 +1,5 @@
-"""certorch.bounds"""
+"""Bound engine: IBP, zonotope, symbolic intervals, CROWN, CROWN-IBP, dual network."""
+from certorch.bounds.api import BoundResult, bound, certified
+from certorch.bounds.methods import METHODS, BoundMethod, get_method, list_methods, register_method
+
+__all__ = ["bound", "certified", "BoundResult", "BoundMethod", "METHODS", "get_method", "list_methods", "register_method"]

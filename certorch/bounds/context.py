@@ -1,0 +1,54 @@
+"""Per-call scratch for bound computation (DESIGN.md item 1: bounds are returned values).
+
+A :class:`BoundContext` lives for one ``bound()`` call: the graph, the input box, dtype, the
+clean point's forward values, and caches of per-node boxes and abstract values. Nothing is
+ever written onto modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from certorch.domains.box import Box
+from certorch.graph.ir import Graph
+from certorch.ops.maps import AffineMap
+
+
+@dataclass
+class BoundContext:
+    graph: Graph
+    box: Box  # input box, (B, *input_shape)
+    x: Tensor  # the clean point (B, *input_shape), for train-mode BatchNorm statistics
+    dtype: torch.dtype
+    intermediate: str = "ibp"  # how pre-activation bounds are computed: ibp | crown | zonotope | symbolic
+    slope: str = "adaptive"  # ReLU lower slope for backward passes
+    projections: int | None = None  # Cauchy projections for zonotope / dual intermediate bounds
+    generator: torch.Generator | None = None
+    max_elements: int = 2**27  # largest coefficient tensor a backward pass may build (chunks the spec)
+    boxes: dict[int, Box] = field(default_factory=dict)  # bounds per node (the best known)
+    ibp_boxes: dict[int, Box] = field(default_factory=dict)
+    regions: dict[int, Any] = field(default_factory=dict)  # forward abstract values (zonotope/symbolic)
+    _values: list[Tensor] | None = None
+    _maps: dict[int, AffineMap] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.box.lower.shape[0]
+
+    @property
+    def values(self) -> list[Tensor]:
+        if self._values is None:
+            self._values = self.graph.forward(self.x)
+        return self._values
+
+    def affine_map(self, idx: int) -> AffineMap:
+        """The node's affine map (cached for this call)."""
+        if idx not in self._maps:
+            node = self.graph.nodes[idx]
+            needs_values = getattr(node.op, "kind", "") == "batchnorm"
+            vals = [self.values[i] for i in node.inputs] if needs_values else None
+            self._maps[idx] = node.op.affine(self.dtype, vals)
+        return self._maps[idx]

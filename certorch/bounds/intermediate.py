@@ -1,0 +1,69 @@
+"""Pre-activation (intermediate) bound providers: IBP, CROWN (backward), zonotope, symbolic."""
+from __future__ import annotations
+
+import torch
+
+from certorch.bounds.backward import backward_bounds
+from certorch.bounds.context import BoundContext
+from certorch.bounds.forward import symbolic_region, zonotope_region
+from certorch.bounds.ibp import ibp_box
+from certorch.domains.box import Box
+
+
+def pre_bounds(ctx: BoundContext, idx: int) -> Box:
+    """Bounds of node ``idx`` by the context's intermediate strategy (cached in ctx.boxes)."""
+    if idx in ctx.boxes:
+        return ctx.boxes[idx]
+    kind = ctx.intermediate
+    if kind == "ibp":
+        box = ibp_box(ctx, idx)
+    elif kind == "zonotope":
+        box = zonotope_region(ctx, idx).box()
+    elif kind == "symbolic":
+        box = symbolic_region(ctx, idx).box()
+    elif kind == "crown":
+        box = crown_box(ctx, idx)
+    else:
+        raise ValueError(f"unknown intermediate bound strategy {kind!r}")
+    ctx.boxes[idx] = box
+    return box
+
+
+def ibp_is_exact(ctx: BoundContext, idx: int) -> bool:
+    """True when node ``idx`` is an affine image of the input box with at most one
+    non-diagonal map on the way (then IBP bounds are exact)."""
+    general = 0
+    for i in ctx.graph.ancestors(idx):
+        node = ctx.graph.nodes[i]
+        if node.is_input:
+            continue
+        if not node.is_affine or len(node.inputs) != 1:
+            return False
+        if not ctx.affine_map(i).diagonal:
+            general += 1
+    return general <= 1
+
+
+def crown_box(ctx: BoundContext, idx: int) -> Box:
+    """CROWN bounds of node ``idx``, computed only for neurons that IBP leaves unstable
+    (union over the batch); IBP-stable neurons keep their IBP bounds (their relaxation is exact
+    either way). CROWN bounds are intersected with IBP's."""
+    ibp = ibp_box(ctx, idx)
+    if ibp_is_exact(ctx, idx):
+        return ibp
+    lo, up = ibp.lower.flatten(1), ibp.upper.flatten(1)
+    idx_unstable = ((lo < 0) & (up > 0)).any(dim=0).nonzero().flatten()
+    if idx_unstable.numel() == 0:
+        return ibp
+    B, n = lo.shape
+    shape = ibp.lower.shape[1:]
+    k = idx_unstable.numel()
+    C = torch.zeros(k, n, dtype=lo.dtype, device=lo.device)
+    C[torch.arange(k, device=lo.device), idx_unstable] = 1.0
+    C = C.view(1, k, *shape).expand(B, k, *shape)
+    l_c, u_c = backward_bounds(ctx, idx, C, lambda i: pre_bounds(ctx, i))
+    l_c = torch.maximum(l_c, lo[:, idx_unstable])
+    u_c = torch.minimum(u_c, up[:, idx_unstable])
+    lower = lo.index_copy(1, idx_unstable, l_c).view(B, *shape)
+    upper = up.index_copy(1, idx_unstable, u_c).view(B, *shape)
+    return Box(lower, upper)

@@ -1,0 +1,129 @@
+"""Bound methods as compositions: (intermediate-bound strategy) + (final-layer strategy).
+
+``crown-ibp`` is literally IBP intermediate bounds + a backward pass for the last layer; a method
+name maps to a :class:`BoundMethod` value, not to flags inside one big function (DESIGN.md item 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from certorch.bounds.backward import backward_bounds
+from certorch.bounds.context import BoundContext
+from certorch.bounds.forward import symbolic_region, zonotope_region
+from certorch.bounds.ibp import ibp_box
+from certorch.bounds.intermediate import pre_bounds
+from certorch.errors import CertorchError
+from certorch.relax.relu import LOWER_SLOPES
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    name: str
+    final: str  # ibp | zonotope | symbolic | backward
+    intermediate: str  # ibp | crown | zonotope | symbolic
+    slope: str = "adaptive"  # ReLU lower slope in backward passes
+    supports_projections: bool = False
+    description: str = ""
+
+
+METHODS: dict[str, BoundMethod] = {}
+
+
+def register_method(m: BoundMethod) -> BoundMethod:
+    METHODS[m.name] = m
+    return m
+
+
+register_method(BoundMethod("ibp", "ibp", "ibp", description="interval bound propagation"))
+register_method(
+    BoundMethod(
+        "zonotope",
+        "zonotope",
+        "zonotope",
+        supports_projections=True,
+        description="forward zonotope (DeepZ; COLT/MAAR convex regions a + A e)",
+    )
+)
+register_method(
+    BoundMethod("symbolic", "symbolic", "symbolic", description="symbolic intervals with symbolic linear relaxation (MixTrain)")
+)
+register_method(
+    BoundMethod("crown", "backward", "crown", "adaptive", description="backward linear relaxation, CROWN intermediate bounds (DeepPoly)")
+)
+register_method(
+    BoundMethod("crown-ibp", "backward", "ibp", "adaptive", description="IBP intermediate bounds + CROWN final layer")
+)
+register_method(
+    BoundMethod(
+        "dual",
+        "backward",
+        "zonotope",
+        "parallel",
+        supports_projections=True,
+        description="Wong-Kolter dual network (u/(u-l) slopes); projections=r for Cauchy estimates",
+    )
+)
+
+
+def get_method(name: str) -> BoundMethod:
+    key = name.lower().replace("_", "-")
+    if key not in METHODS:
+        raise CertorchError(f"unknown bound method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def merge_spec(ctx: BoundContext, C: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Fold the spec ``C`` (B, S, *out_shape) into the trailing single-input affine ops.
+
+    Returns (node, A, bias) with ``C . f(x) = A . v_node + bias``; ``node`` is the last
+    node that is not part of that affine tail (the last layer is merged with the spec).
+    """
+    graph = ctx.graph
+    B, S = C.shape[:2]
+    A, bias = C, torch.zeros(B, S, dtype=C.dtype, device=C.device)
+    i = graph.output
+    while True:
+        node = graph.nodes[i]
+        if not node.is_affine or len(node.inputs) != 1:
+            break
+        j = node.inputs[0]
+        if len(graph.users[j]) != 1 and not graph.nodes[j].is_input:
+            break
+        m = ctx.affine_map(i)
+        off = m.offset()
+        if off is not None:
+            bias = bias + (A * off).flatten(2).sum(-1)
+        (A_j,) = m.transpose(A.reshape(B * S, *A.shape[2:]))
+        A = A_j.reshape(B, S, *A_j.shape[1:])
+        i = j
+    return i, A, bias
+
+
+def run_method(method: BoundMethod, ctx: BoundContext, C: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower/upper bounds (B, S) of ``C . f(x)`` over the context's input box."""
+    if method.final == "backward":
+        return backward_bounds(ctx, ctx.graph.output, C, lambda i: pre_bounds(ctx, i))
+    node, A, bias = merge_spec(ctx, C)
+    if method.final == "ibp":
+        box = ibp_box(ctx, node)
+        Af = A.flatten(2)
+        c = torch.einsum("bsi,bi->bs", Af, box.center.flatten(1)) + bias
+        r = torch.einsum("bsi,bi->bs", Af.abs(), box.radius.flatten(1))
+        return c - r, c + r
+    if method.final == "zonotope":
+        return zonotope_region(ctx, node).linear_bounds(A, bias)
+    if method.final == "symbolic":
+        return symbolic_region(ctx, node).linear_bounds(A, bias)
+    raise ValueError(f"unknown final strategy {method.final!r}")
+
+
+def check_slope(slope: str) -> None:
+    if slope not in LOWER_SLOPES:
+        raise CertorchError(f"unknown ReLU lower slope {slope!r}; valid: {', '.join(LOWER_SLOPES)}")

@@ -1,0 +1,86 @@
+"""Symbolic intervals (ReluVal / Neurify / MixTrain): two linear functions of the input per neuron.
+
+Each bound is an affine form ``const + coef . e`` in the normalized input ``e in [-1, 1]^n``
+(``x = c + r * e``): ``low`` <= value <= ``up``. Affine maps split their coefficients by sign;
+ReLU uses the *symbolic linear relaxation*: two parallel lines of slope u/(u-l)
+(``lower = lam * low``, ``upper = lam * (up - l)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from certorch.domains.box import Box
+from certorch.ops.maps import AffineMap
+
+
+@dataclass
+class AffineForm:
+    const: Tensor  # (B, *shape)
+    coef: Tensor  # (B, n, *shape)
+
+    def lower(self) -> Tensor:
+        return self.const - self.coef.abs().sum(1)
+
+    def upper(self) -> Tensor:
+        return self.const + self.coef.abs().sum(1)
+
+
+@dataclass
+class SymbolicInterval:
+    low: AffineForm
+    up: AffineForm
+
+    @staticmethod
+    def from_box(box: Box) -> "SymbolicInterval":
+        c, r = box.center, box.radius
+        B, shape = c.shape[0], c.shape[1:]
+        n = r[0].numel()
+        coef = torch.eye(n, dtype=c.dtype, device=c.device).view(1, n, *shape) * r.unsqueeze(1)
+        f = AffineForm(c, coef)
+        return SymbolicInterval(f, f)
+
+    def box(self) -> Box:
+        return Box(self.low.lower(), self.up.upper())
+
+    def map(self, m: AffineMap, *others: "SymbolicInterval") -> "SymbolicInterval":
+        ss = (self,) + others
+        off = m.offset()
+        low_c = m.apply_signed([s.low.const for s in ss], [s.up.const for s in ss])
+        up_c = m.apply_signed([s.up.const for s in ss], [s.low.const for s in ss])
+        if off is not None:
+            low_c, up_c = low_c + off, up_c + off
+        B, n = self.low.coef.shape[:2]
+        flat = lambda t: t.reshape(B * n, *t.shape[2:])  # noqa: E731
+        low_k = m.apply_signed([flat(s.low.coef) for s in ss], [flat(s.up.coef) for s in ss])
+        up_k = m.apply_signed([flat(s.up.coef) for s in ss], [flat(s.low.coef) for s in ss])
+        shape = low_c.shape[1:]
+        return SymbolicInterval(
+            AffineForm(low_c, low_k.reshape(B, n, *shape)), AffineForm(up_c, up_k.reshape(B, n, *shape))
+        )
+
+    def relu(self, slope: Tensor, up_bias: Tensor) -> "SymbolicInterval":
+        """``low -> slope * low``, ``up -> slope * up + up_bias`` (slope, up_bias: (B, *shape))."""
+        s = slope.unsqueeze(1)
+        return SymbolicInterval(
+            AffineForm(slope * self.low.const, s * self.low.coef),
+            AffineForm(slope * self.up.const + up_bias, s * self.up.coef),
+        )
+
+    def linear_bounds(self, A: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Bounds of ``A . v + bias`` with A: (B, S, *shape). Returns (lower, upper), each (B, S)."""
+        Af = A.flatten(2)
+        Ap, An = Af.clamp(min=0), Af.clamp(max=0)
+        lc, uc = self.low.const.flatten(1), self.up.const.flatten(1)
+        lk, uk = self.low.coef.flatten(2), self.up.coef.flatten(2)
+        lo_c = torch.einsum("bsi,bi->bs", Ap, lc) + torch.einsum("bsi,bi->bs", An, uc)
+        hi_c = torch.einsum("bsi,bi->bs", Ap, uc) + torch.einsum("bsi,bi->bs", An, lc)
+        lo_k = torch.einsum("bsi,bni->bsn", Ap, lk) + torch.einsum("bsi,bni->bsn", An, uk)
+        hi_k = torch.einsum("bsi,bni->bsn", Ap, uk) + torch.einsum("bsi,bni->bsn", An, lk)
+        lower = lo_c - lo_k.abs().sum(-1)
+        upper = hi_c + hi_k.abs().sum(-1)
+        if bias is not None:
+            lower, upper = lower + bias, upper + bias
+        return lower, upper

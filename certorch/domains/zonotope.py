@@ -1,0 +1,110 @@
+"""Zonotopes ``center + sum_k G_k e_k`` (e in [-1, 1]) with optional Cauchy projections.
+
+Generators are kept in blocks (one per source of error terms: the input box, each ReLU layer),
+``blocks[k]`` of shape (B, m_k, *shape). A block marked *projected* holds ``r`` random Cauchy
+projections ``G_k R`` instead of ``G_k``; its L1 row norms are then estimated by the median of
+absolute values (Wong et al. 2018, section 3.2) — an estimate for training, never a sound bound.
+This is also the convex region ``a + A e`` of COLT / MAAR (``center``, generators).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from certorch.domains.box import Box
+from certorch.ops.maps import AffineMap
+
+
+def cauchy_like(shape, ref: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard Cauchy samples of ``shape`` with ``ref``'s dtype/device."""
+    u = torch.rand(shape, dtype=ref.dtype, device=ref.device, generator=generator)
+    return torch.tan(torch.pi * (u - 0.5))
+
+
+def l1_estimate(G: Tensor, projected: bool) -> Tensor:
+    """Per-position L1 norm over generators (dim 1): exact sum, or the Cauchy median estimate."""
+    if projected:
+        return G.abs().median(dim=1).values
+    return G.abs().sum(dim=1)
+
+
+@dataclass
+class Zonotope:
+    center: Tensor  # (B, *shape)
+    blocks: dict[int, Tensor]  # id -> (B, m, *shape)
+    projected: frozenset = field(default_factory=frozenset)
+
+    def radius(self) -> Tensor:
+        r = torch.zeros_like(self.center)
+        for k, G in self.blocks.items():
+            r = r + l1_estimate(G, k in self.projected)
+        return r
+
+    def box(self) -> Box:
+        return Box.from_center_radius(self.center, self.radius())
+
+    @staticmethod
+    def from_box(box: Box, projections: int | None = None, generator=None, block_id: int = 0) -> "Zonotope":
+        c, r = box.center, box.radius
+        B, shape = c.shape[0], c.shape[1:]
+        if projections:
+            G = cauchy_like((B, projections, *shape), c, generator) * r.unsqueeze(1)
+            return Zonotope(c, {block_id: G}, frozenset({block_id}))
+        n = r[0].numel()
+        eye = torch.eye(n, dtype=c.dtype, device=c.device).view(1, n, *shape)
+        return Zonotope(c, {block_id: eye * r.unsqueeze(1)}, frozenset())
+
+    def map(self, m: AffineMap, *others: "Zonotope") -> "Zonotope":
+        """Image under an affine map of ``(self, *others)`` (others: extra inputs, e.g. Add)."""
+        zs = (self,) + others
+        center = m(*(z.center for z in zs))
+        B = center.shape[0]
+        out_shape = center.shape[1:]
+        ids = sorted({k for z in zs for k in z.blocks})
+        blocks = {}
+        for k in ids:
+            gens = []
+            ref = next(z.blocks[k] for z in zs if k in z.blocks)
+            for z in zs:
+                g = z.blocks.get(k)
+                gens.append(torch.zeros_like(ref) if g is None else g)
+            m_k = ref.shape[1]
+            flat = [g.reshape(B * m_k, *g.shape[2:]) for g in gens]
+            blocks[k] = m.apply(*flat).reshape(B, m_k, *out_shape)
+        projected = frozenset().union(*(z.projected for z in zs))
+        return Zonotope(center, blocks, projected)
+
+    def scale(self, s: Tensor, shift: Tensor) -> "Zonotope":
+        """Element-wise ``s * z + shift`` (s, shift: (B, *shape))."""
+        return Zonotope(s * self.center + shift, {k: G * s.unsqueeze(1) for k, G in self.blocks.items()}, self.projected)
+
+    def add_block(self, block_id: int, mu: Tensor, projections: int | None = None, generator=None) -> "Zonotope":
+        """Add new independent error terms ``mu_i * e_i`` for positions with mu != 0.
+
+        Exact: one generator per position that is nonzero for some example (union over the
+        batch), as a (B, k, *shape) block. Projected: ``r`` Cauchy projections ``mu * R``.
+        """
+        B, shape = mu.shape[0], mu.shape[1:]
+        if projections:
+            G = cauchy_like((B, projections, *shape), mu, generator) * mu.unsqueeze(1)
+            return Zonotope(self.center, {**self.blocks, block_id: G}, self.projected | {block_id})
+        flat = mu.reshape(B, -1)
+        idx = (flat != 0).any(dim=0).nonzero().flatten()
+        if idx.numel() == 0:
+            return self
+        G = torch.zeros(B, idx.numel(), flat.shape[1], dtype=mu.dtype, device=mu.device)
+        G = G.scatter(2, idx.view(1, -1, 1).expand(B, -1, 1), flat[:, idx].unsqueeze(2))
+        return Zonotope(self.center, {**self.blocks, block_id: G.view(B, idx.numel(), *shape)}, self.projected)
+
+    def linear_bounds(self, A: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Bounds of ``A . z + bias`` with A: (B, S, *shape). Returns (lower, upper), each (B, S)."""
+        c = torch.einsum("bsi,bi->bs", A.flatten(2), self.center.flatten(1))
+        if bias is not None:
+            c = c + bias
+        rad = torch.zeros_like(c)
+        for k, G in self.blocks.items():
+            AG = torch.einsum("bsi,bmi->bsm", A.flatten(2), G.flatten(2))
+            rad = rad + l1_estimate(AG.transpose(1, 2), k in self.projected)
+        return c - rad, c + rad

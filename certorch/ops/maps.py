@@ -1,0 +1,208 @@
+"""Affine maps: the only thing affine ops expose to the bound interpreters.
+
+An affine map is ``v -> L(v) + offset`` with ``L`` linear. Every interpreter (IBP, zonotope,
+symbolic intervals, backward/CROWN, MILP) is written against this small interface, so an op
+that provides a map gets every bound method for free (DESIGN.md item 5).
+
+Shapes: ``apply``/``apply_signed`` take tensors of shape (M, *in_shape) with any leading M
+(batch, or batch x generators flattened) and return (M, *out_shape). ``transpose`` takes
+(M, *out_shape) and returns one (M, *in_shape_i) tensor per input (the adjoint / vector-Jacobian
+product). ``offset`` is None or a tensor of per-example shape broadcastable to (*out_shape);
+offsets never depend on the example.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class AffineMap:
+    """Base class; subclasses implement ``apply``, ``apply_signed`` and ``transpose``."""
+
+    num_inputs: int = 1
+    diagonal: bool = False  # element-wise map (IBP through it is exact)
+
+    def apply(self, *xs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def apply_signed(self, pos: Sequence[Tensor], neg: Sequence[Tensor]) -> Tensor:
+        """``L+ (pos) + L- (neg)`` where L+/L- keep the positive/negative coefficients."""
+        raise NotImplementedError
+
+    def apply_abs(self, *xs: Tensor) -> Tensor:
+        """``|L| (x)``: the linear map with absolute coefficients (x is usually >= 0)."""
+        return self.apply_signed(xs, [-x for x in xs])
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def offset(self) -> Tensor | None:
+        return None
+
+    def __call__(self, *xs: Tensor) -> Tensor:
+        out = self.apply(*xs)
+        off = self.offset()
+        return out if off is None else out + off
+
+
+@dataclass
+class DenseMap(AffineMap):
+    """``x @ W.T + b`` on the last dimension (nn.Linear). W: (out, in), b: (out,) or None."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+
+    def apply(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        return F.linear(pos[0], self.weight.clamp(min=0)) + F.linear(neg[0], self.weight.clamp(max=0))
+
+    def apply_abs(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.abs())
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        return [A @ self.weight]
+
+    def offset(self) -> Tensor | None:
+        return self.bias
+
+
+@dataclass
+class ConvMap(AffineMap):
+    """2-d convolution (nn.Conv2d, groups=1). weight: (Cout, Cin, kh, kw)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    in_shape: tuple[int, int, int]  # (Cin, H, W)
+
+    def _conv(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.weight)
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        return self._conv(pos[0], self.weight.clamp(min=0)) + self._conv(neg[0], self.weight.clamp(max=0))
+
+    def apply_abs(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.weight.abs())
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        kh, kw = self.weight.shape[-2:]
+        out_h, out_w = A.shape[-2:]
+        _, H, W = self.in_shape
+        op = []
+        for size, o, s, p, d, k in zip((H, W), (out_h, out_w), self.stride, self.padding, self.dilation, (kh, kw)):
+            op.append(size - ((o - 1) * s - 2 * p + d * (k - 1) + 1))
+        return [F.conv_transpose2d(A, self.weight, None, self.stride, self.padding, tuple(op), 1, self.dilation)]
+
+    def offset(self) -> Tensor | None:
+        return None if self.bias is None else self.bias.view(-1, 1, 1)
+
+
+@dataclass
+class ScaleShiftMap(AffineMap):
+    """Per-channel ``x * scale + shift`` (Normalize, eval BatchNorm). scale/shift: (C,).
+
+    ``channel_dims`` is the number of dims after the channel dim (2 for images, 0 for vectors).
+    """
+
+    scale: Tensor
+    shift: Tensor | None
+    channel_dims: int
+    diagonal = True
+
+    def _view(self, t: Tensor) -> Tensor:
+        return t.view(-1, *([1] * self.channel_dims))
+
+    def apply(self, x: Tensor) -> Tensor:
+        return x * self._view(self.scale)
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        s = self._view(self.scale)
+        return pos[0] * s.clamp(min=0) + neg[0] * s.clamp(max=0)
+
+    def apply_abs(self, x: Tensor) -> Tensor:
+        return x * self._view(self.scale.abs())
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        return [A * self._view(self.scale)]
+
+    def offset(self) -> Tensor | None:
+        return None if self.shift is None else self._view(self.shift)
+
+
+@dataclass
+class ReshapeMap(AffineMap):
+    """Reshape per example (Flatten, view). Shapes exclude the batch dim."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    diagonal = True
+
+    def apply(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.out_shape)
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        return self.apply(pos[0])
+
+    def apply_abs(self, x: Tensor) -> Tensor:
+        return self.apply(x)
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        return [A.reshape(A.shape[0], *self.in_shape)]
+
+
+@dataclass
+class SumMap(AffineMap):
+    """Sum of ``num_inputs`` same-shape inputs (residual Add)."""
+
+    num_inputs: int = 2
+
+    def apply(self, *xs: Tensor) -> Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        return self.apply(*pos)
+
+    def apply_abs(self, *xs: Tensor) -> Tensor:
+        return self.apply(*xs)
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        return [A] * self.num_inputs
+
+
+@dataclass
+class NonNegativeLinearMap(AffineMap):
+    """A linear map with non-negative coefficients given as a function (e.g. AvgPool2d).
+
+    The transpose is the vector-Jacobian product of ``fn`` (exact for linear ``fn``).
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    in_shape: tuple[int, ...]
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        return self.fn(pos[0])
+
+    def apply_abs(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        zeros = torch.zeros(A.shape[0], *self.in_shape, dtype=A.dtype, device=A.device)
+        _, vjp = torch.func.vjp(self.fn, zeros)
+        return [vjp(A)[0]]
