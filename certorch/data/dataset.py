@@ -18,7 +18,9 @@ class ImageDataset(Dataset):
         augment: when true, ``__getitem__`` applies :func:`certorch.data.augment_batch` to the single item.
 
     Training loops should slice ``images``/``labels`` directly (fast) and call
-    :func:`certorch.data.augment_batch` per batch; ``augment`` only affects per-item access.
+    :func:`certorch.data.augment_batch` per batch; ``augment`` only affects per-item access (its
+    generator is seeded once per dataset object, so DataLoader worker processes would each repeat
+    the same stream: prefer batch augmentation in the main process).
     """
 
     def __init__(
@@ -57,6 +59,11 @@ class ImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """From the registry when ``name`` is registered, else ``max(label) + 1``."""
+        from certorch.data.registry import DATASETS
+
+        if self.name in DATASETS:
+            return DATASETS[self.name].num_classes
         return int(self.labels.max().item()) + 1 if len(self) else 0
 
     def to(self, device: torch.device | str) -> "ImageDataset":
