@@ -13,5 +13,6 @@ from certorch.models import wong  # noqa: E402,F401
 from certorch.models import mixtrain  # noqa: E402,F401
 from certorch.models import colt  # noqa: E402,F401
 from certorch.models import crown_ibp  # noqa: E402,F401
+from certorch.models import linf_dist  # noqa: E402,F401
 
 __all__ = ["ModelInfo", "build", "count_params", "list_models", "model_info", "register_model"]
