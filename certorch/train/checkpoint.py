@@ -1,0 +1,318 @@
+"""Checkpoints: safetensors + JSON, written atomically, never pickled.
+
+One checkpoint of epoch ``e`` in ``RUN/checkpoints/`` is four files sharing the stem
+``ckpt-{e:04d}``:
+
+* ``.safetensors``: model weights and buffers (``model.state_dict()``);
+* ``.state.safetensors``: tensors of the training state (optimizer moments, RNG states);
+* ``.state.json``: the rest of the training state (param groups, python RNG, counters);
+* ``.json``: config, epoch, metrics and the sha256 of the three files above. Written
+  last, so its presence marks a complete checkpoint; a crash mid-way leaves an
+  incomplete checkpoint that is ignored, and the previous one stays usable.
+
+Every file is written to a temporary file in the same directory and moved into place
+with ``os.replace``. Loading verifies the hashes; a corrupt or inconsistent checkpoint
+raises a one-line :class:`CertorchError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from certorch.errors import CertorchError
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_tensors",
+    "load_tensors",
+    "Checkpoint",
+    "save_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "resolve_checkpoint",
+    "load_checkpoint",
+    "load_train_state",
+]
+
+FORMAT = "certorch-checkpoint"
+VERSION = 1
+CKPT_DIR = "checkpoints"
+_STEM = re.compile(r"^ckpt-(\d+)$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ---------------------------------------------------------------------------- atomic files
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    If anything fails, the previous content of ``path`` is untouched and the temp file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode("utf-8")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor]) -> str:
+    """Write ``tensors`` (moved to CPU, made contiguous) as safetensors atomically; return sha256."""
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    data = st_save(flat)
+    atomic_write_bytes(path, data)
+    return _sha256(data)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertorchError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise CertorchError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a safetensors file (CPU tensors); a corrupt file or hash mismatch raises one line."""
+    path = Path(path)
+    data = _read(path, "checkpoint file")
+    if expected_sha256 is not None and _sha256(data) != expected_sha256:
+        raise CertorchError(f"corrupt checkpoint: {path} does not match the hash recorded in its .json")
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises several types on bad headers
+        raise CertorchError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    data = _read(path, what)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CertorchError(f"corrupt {what} {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CertorchError(f"corrupt {what} {path}: expected a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``weights`` (CPU state dict) and ``meta`` (its JSON)."""
+
+    path: Path  # the weights file (.safetensors)
+    weights: dict[str, Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta.get("epoch", 0))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.meta.get("config") or {})
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.meta.get("metrics") or {})
+
+
+def _paths(folder: Path, stem: str) -> dict[str, Path]:
+    return {
+        "weights": folder / f"{stem}.safetensors",
+        "state": folder / f"{stem}.state.safetensors",
+        "state_json": folder / f"{stem}.state.json",
+        "meta": folder / f"{stem}.json",
+    }
+
+
+def save_checkpoint(
+    folder: str | Path,
+    epoch: int,
+    model: nn.Module,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    state_tensors: dict[str, Tensor] | None = None,
+    state_json: dict[str, Any] | None = None,
+) -> Path:
+    """Write checkpoint ``ckpt-{epoch:04d}`` into ``folder``; return the weights path.
+
+    The ``.json`` holding config/epoch/metrics and the file hashes is written last.
+    """
+    folder = Path(folder)
+    p = _paths(folder, f"ckpt-{epoch:04d}")
+    hashes = {"weights": save_tensors(p["weights"], dict(model.state_dict()))}
+    hashes["state"] = save_tensors(p["state"], state_tensors or {})
+    sj = _json_bytes(state_json or {})
+    atomic_write_bytes(p["state_json"], sj)
+    hashes["state_json"] = _sha256(sj)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": int(epoch),
+        "config": config,
+        "metrics": metrics,
+        "files": {k: v.name for k, v in p.items() if k != "meta"},
+        "sha256": hashes,
+    }
+    atomic_write_bytes(p["meta"], _json_bytes(meta))
+    return p["weights"]
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Weights paths of the complete checkpoints (those with their ``.json``), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for meta in folder.glob("ckpt-*.json"):
+        stem = meta.name[: -len(".json")]
+        m = _STEM.match(stem)
+        if m and (folder / f"{stem}.safetensors").is_file():
+            found.append((int(m.group(1)), folder / f"{stem}.safetensors"))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``folder`` or ``None``."""
+    ckpts = list_checkpoints(folder)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of older incomplete ones."""
+    folder = Path(folder)
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        return
+    complete = [p.name[: -len(".safetensors")] for p in ckpts]
+    newest = int(_STEM.match(complete[-1]).group(1))
+    doomed = set(complete[: max(len(complete) - keep, 0)])
+    for f in folder.glob("ckpt-*"):
+        stem = f.name.split(".", 1)[0]
+        m = _STEM.match(stem)
+        if m and stem not in complete and int(m.group(1)) < newest:
+            doomed.add(stem)
+    for stem in sorted(doomed):
+        p = _paths(folder, stem)
+        p["meta"].unlink(missing_ok=True)  # first: a half-deleted checkpoint is never "complete"
+        for key in ("weights", "state", "state_json"):
+            p[key].unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Weights file of a checkpoint given a run directory, a checkpoints folder, a
+    ``.safetensors`` weights file or its ``.json``. A run directory resolves to its newest
+    complete checkpoint. Raises a one-line error when nothing usable is found."""
+    p = Path(path)
+    if p.is_dir():
+        for folder in (p / CKPT_DIR, p):
+            found = latest_checkpoint(folder)
+            if found is not None:
+                return found
+        raise CertorchError(f"no checkpoint found in {p} (expected {p / CKPT_DIR}/ckpt-*.safetensors)")
+    if not p.exists():
+        raise CertorchError(f"run directory or checkpoint not found: {p}")
+    name = p.name
+    if name.endswith(".state.safetensors") or name.endswith(".state.json"):
+        stem = name.split(".", 1)[0]
+        return p.with_name(f"{stem}.safetensors")
+    if name.endswith(".json"):
+        return p.with_name(name[: -len(".json")] + ".safetensors")
+    if name.endswith(".safetensors"):
+        return p
+    raise CertorchError(f"not a run directory or checkpoint file: {p} (expected a folder or a .safetensors file)")
+
+
+def _meta_path(weights: Path) -> Path:
+    return weights.with_name(weights.name[: -len(".safetensors")] + ".json")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load the checkpoint at ``path`` (anything :func:`resolve_checkpoint` accepts).
+
+    The weights are checked against the hash in the ``.json`` when that file exists (a bare
+    ``.safetensors`` without ``.json`` loads unchecked, with empty metadata).
+    """
+    weights_path = resolve_checkpoint(path)
+    meta_path = _meta_path(weights_path)
+    if meta_path.is_file():
+        meta = _load_json(meta_path, "checkpoint metadata")
+        if meta.get("format") != FORMAT:
+            raise CertorchError(f"{meta_path} is not a certorch checkpoint (format={meta.get('format')!r})")
+        sha = (meta.get("sha256") or {}).get("weights")
+    else:
+        meta, sha = {}, None
+    weights = load_tensors(weights_path, sha)
+    return Checkpoint(weights_path, weights, meta)
+
+
+def load_train_state(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The training state (tensors, JSON) saved with ``ckpt``, hash-checked."""
+    sha = ckpt.meta.get("sha256") or {}
+    files = ckpt.meta.get("files") or {}
+    if "state" not in files or "state_json" not in files:
+        raise CertorchError(f"checkpoint {ckpt.path} has no training state to resume from")
+    folder = ckpt.path.parent
+    tensors = load_tensors(folder / files["state"], sha.get("state"))
+    raw = _read(folder / files["state_json"], "checkpoint state")
+    if sha.get("state_json") and _sha256(raw) != sha["state_json"]:
+        raise CertorchError(f"corrupt checkpoint: {folder / files['state_json']} does not match its recorded hash")
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CertorchError(f"corrupt checkpoint state {folder / files['state_json']}: {e}") from None
+    return tensors, state
+
+
+def load_weights_into(model: nn.Module, weights: dict[str, Tensor], source: str | Path = "checkpoint") -> None:
+    """``model.load_state_dict(weights, strict=True)`` with a one-line error on mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CertorchError(f"weights in {source} do not fit the model: {what}")
+    for k, v in weights.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CertorchError(f"weights in {source} do not fit the model: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    with torch.no_grad():
+        model.load_state_dict(weights, strict=True)

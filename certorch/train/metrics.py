@@ -1,0 +1,116 @@
+"""Per-epoch metrics files (JSONL + CSV), the summary table and the curves plot."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from certorch.train.checkpoint import atomic_write_bytes, atomic_write_text
+
+__all__ = ["write_history", "read_history", "format_table", "plot_curves", "METRICS_JSONL", "METRICS_CSV", "PLOT"]
+
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+PLOT = "curves.png"
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v
+    return v
+
+
+def write_history(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
+    """(Re)write ``metrics.jsonl`` and ``metrics.csv`` with one row per epoch, atomically.
+
+    The CSV's columns are the union of all records' keys, in first-seen order.
+    """
+    run_dir = Path(run_dir)
+    lines = "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in history)
+    atomic_write_text(run_dir / METRICS_JSONL, lines)
+    columns: list[str] = []
+    for r in history:
+        columns.extend(k for k in r if k not in columns)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in history:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    atomic_write_text(run_dir / METRICS_CSV, buf.getvalue())
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl`` (an unparsable trailing line is ignored)."""
+    path = Path(run_dir) / METRICS_JSONL
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given (or all) columns."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns.extend(k for k in r if k not in columns)
+    cells = [[_fmt(r.get(c, "")) if r.get(c, "") != "" else "" for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    head = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    rule = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([head, rule, *body])
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """PNG with loss (left) and accuracies (right) per epoch, written atomically (Agg backend)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    epochs = [r.get("epoch") for r in history]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
+        ys = [r.get(key) for r in history]
+        if any(y is not None for y in ys):
+            ax_l.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=label)
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("loss")
+    ax_l.legend()
+    acc_keys = [k for k in history[-1] if k.endswith("_acc")]
+    for key in acc_keys:
+        ys = [r.get(key) for r in history]
+        ax_a.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=key)
+    ax_a.set_xlabel("epoch")
+    ax_a.set_ylabel("accuracy")
+    ax_a.set_ylim(0, 1.02)
+    if acc_keys:
+        ax_a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,383 @@
+"""The one training loop: config in, run directory out; objectives plug in by name.
+
+    from certorch.config import load_config
+    from certorch.train import Trainer
+    result = Trainer(load_config("configs/digits_demo.yaml", ["epochs=2"]), run_dir="runs/x").fit()
+
+Everything that can fail on bad input (objective params, dataset, model, optimizer) is
+built in ``Trainer.__init__``, before the run directory is created, so a bad config
+leaves nothing behind. ``fit`` writes ``config.yaml``, one checkpoint per
+``checkpoint.every`` epochs, ``metrics.jsonl``/``metrics.csv``, ``summary.json`` and
+``curves.png``. ``Trainer(..., resume=True)`` continues from the newest complete
+checkpoint and reproduces the uninterrupted run exactly (same seed, same device).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certorch.config.schema import TrainConfig, config_from_dict, config_to_yaml
+from certorch.config.typed import to_dict
+from certorch.errors import CertorchError
+from certorch.spec import check_finite
+from certorch.train import checkpoint as ckpt
+from certorch.train.metrics import PLOT, plot_curves, read_history, write_history
+from certorch.train.objectives import Objective, TrainState, build_objective
+from certorch.train.schedules import Ramp, eps_schedule, lr_factor, named_schedule
+from certorch.train.state import load_optimizer_state, load_rng_state, optimizer_state, rng_state, seed_everything
+
+__all__ = ["Trainer", "RunResult", "resolve_device", "build_optimizer", "epoch_batches", "evaluate", "is_main_process"]
+
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+
+
+# ------------------------------------------------------------------ hooks for distributed training
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` unless ``torch.distributed`` is initialized."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Only the main process logs, writes files and shows progress bars."""
+    return world()[0] == 0
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """Index batches (each (b,) int64) of one epoch over ``n`` examples in a random order.
+
+    The order comes from ``generator`` (checkpointed). Under distributed training each rank
+    takes every ``world_size``-th index of the same permutation. A final batch of a single
+    example is dropped (BatchNorm cannot train on it).
+    """
+    rank, size = world()
+    perm = torch.randperm(n, generator=generator)[rank::size]
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() < 2:
+        batches.pop()
+    return batches
+
+
+# ------------------------------------------------------------------ building blocks
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CertorchError("device: cuda requested but no CUDA GPU is available (use device=auto or cpu)")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: TrainConfig, objective: Objective, model: nn.Module) -> torch.optim.Optimizer:
+    """sgd / adam / adamw over the objective's parameter groups (per-group weight decay)."""
+    o = cfg.optim
+    groups = objective.param_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+@torch.no_grad()
+def _clean_pass(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, objective: Objective | None = None) -> dict[str, float]:
+    """Held-out metrics of ``model`` on (N, C, H, W) ``x``, (N,) ``y``: ``eval_loss``,
+    ``nat_acc``, ``pgd_acc`` (attack ``cfg.eval.attack`` at ``cfg.eval_eps``, seeded) plus the
+    objective's :meth:`~Objective.eval_metrics`. Global RNG states are left untouched."""
+    from certorch.attacks import build_attack
+
+    e = cfg.eval
+    eps = cfg.eval_eps
+    kwargs: dict[str, Any] = {}
+    if e.attack == "pgd":
+        kwargs = {"steps": e.steps, "restarts": e.restarts, "step_size": e.step_size, "seed": cfg.seed}
+    attack = build_attack(e.attack, **kwargs)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    robust = torch.zeros((), device=x.device, dtype=torch.long)
+    extra: dict[str, float] = {}
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for xb, yb in zip(x.split(e.batch_size), y.split(e.batch_size)):
+            l, c = _clean_pass(model, xb, yb)
+            loss_sum += l
+            correct += c
+            if eps > 0:
+                robust += (~attack(model, xb, yb, eps).success).sum()
+            else:
+                robust += c
+        if objective is not None:
+            n = min(len(y), e.batch_size)
+            extra = {k: float(v) for k, v in objective.eval_metrics(model, x[:n], y[:n], eps).items()}
+    model.train(was_training)
+    n = max(len(y), 1)
+    return {"eval_loss": float(loss_sum) / n, "nat_acc": float(correct) / n, f"{e.attack}_acc": float(robust) / n, **extra}
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    run_dir: Path
+    model: nn.Module
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def _tensor_mean(total: Tensor | float, n: int) -> float:
+    return float(total) / max(n, 1)
+
+
+# ------------------------------------------------------------------ the trainer
+class Trainer:
+    """Train ``cfg`` into ``run_dir``; see the module docstring.
+
+    ``data_dir`` overrides ``cfg.data.data_dir`` (the CLI's ``--data-dir``). ``log`` receives
+    one line per epoch (main process only).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        data_dir: str | None = None,
+        log: Any = None,
+    ) -> None:
+        from certorch.data import load
+        from certorch.models import build
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.log = log if log is not None else (lambda s: print(s, file=sys.stderr))
+        if resume and ckpt.latest_checkpoint(self.run_dir / ckpt.CKPT_DIR) is None:
+            raise CertorchError(f"cannot resume: no complete checkpoint in {self.run_dir / ckpt.CKPT_DIR}")
+        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise CertorchError(f"run directory {self.run_dir} already exists and is not empty (use --resume or another --out)")
+        self.device = resolve_device(cfg.device)
+        self.objective = build_objective(cfg.method.name, cfg.method.params)
+        ddir = data_dir if data_dir is not None else cfg.data.data_dir
+        train = load(cfg.data.dataset, "train", data_dir=ddir, subset=cfg.data.subset)
+        evalset = load(cfg.data.dataset, cfg.data.eval_split, data_dir=ddir, subset=cfg.eval.size or None) if cfg.eval.size else None
+        check_finite(train.images, "training images")
+        if evalset is not None:
+            check_finite(evalset.images, "evaluation images")
+        self.dataset = train.name
+        self.train_x, self.train_y = train.images, train.labels
+        self.eval_x = evalset.images.to(self.device) if evalset is not None else None
+        self.eval_y = evalset.labels.to(self.device) if evalset is not None else None
+        self.data_gen = seed_everything(cfg.seed)
+        self.model = build(cfg.model.name, dataset=cfg.data.dataset, **cfg.model.kwargs).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.objective, self.model)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.eps_ramp: Ramp = eps_schedule(cfg.eps)
+        self.named: dict[str, Ramp] = {k: named_schedule(v, cfg.eps) for k, v in self.objective.schedules().items()}
+        self.steps_per_epoch = len(epoch_batches(len(self.train_y), cfg.batch_size, torch.Generator()))
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.seconds = 0.0
+
+    # -------------------------------------------------------------- state
+    def schedule_values(self, t: float) -> tuple[float, dict[str, float]]:
+        """Training eps and named schedule values at time ``t`` (epochs)."""
+        return self.eps_ramp(t), {k: r(t) for k, r in self.named.items()}
+
+    def _save(self, epoch: int, record: dict[str, Any]) -> Path:
+        opt_t, opt_j = optimizer_state(self.optimizer)
+        rng_t, rng_j = rng_state(self.data_gen)
+        state_json = {"optimizer": opt_j, "rng": rng_j, "epoch": epoch, "seconds": self.seconds, "base_lrs": self.base_lrs}
+        path = ckpt.save_checkpoint(
+            self.run_dir / ckpt.CKPT_DIR, epoch, self.model, to_dict(self.cfg), record, {**opt_t, **rng_t}, state_json
+        )
+        ckpt.prune_checkpoints(self.run_dir / ckpt.CKPT_DIR, self.cfg.checkpoint.keep)
+        return path
+
+    def _restore(self) -> None:
+        c = ckpt.load_checkpoint(self.run_dir)
+        ckpt.load_weights_into(self.model, c.weights, c.path)
+        tensors, state = ckpt.load_train_state(c)
+        load_optimizer_state(self.optimizer, tensors, state.get("optimizer") or {})
+        load_rng_state(self.data_gen, tensors, state.get("rng") or {})
+        self.start_epoch = int(state.get("epoch", c.epoch))
+        self.seconds = float(state.get("seconds", 0.0))
+        self.history = [r for r in read_history(self.run_dir) if int(r.get("epoch", 0)) <= self.start_epoch]
+        if c.metrics and not any(r.get("epoch") == self.start_epoch for r in self.history):
+            self.history.append(c.metrics)
+
+    # -------------------------------------------------------------- loop
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training data; returns the epoch's averaged training metrics."""
+        from certorch.data import augment_batch
+
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        batches = epoch_batches(len(self.train_y), cfg.batch_size, self.data_gen)
+        spe = len(batches)
+        model.train()
+        sums: dict[str, Tensor] = {}
+        n_seen, n_acc = 0, 0
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        bar = None
+        if cfg.progress and is_main_process():
+            from tqdm import tqdm
+
+            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+        eps = 0.0
+        values: dict[str, float] = {}
+        lr = 0.0
+        for i, idx in enumerate(batches):
+            xb, yb = self.train_x[idx], self.train_y[idx]
+            if cfg.data.augment:
+                xb = augment_batch(xb, self.dataset, self.data_gen)
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            t = epoch + i / spe
+            eps, values = self.schedule_values(t)
+            lr_f = lr_factor(cfg.lr_schedule, epoch + (i + 1) / spe, cfg.epochs, cfg.optim.lr)
+            for g, base in zip(opt.param_groups, self.base_lrs):
+                g["lr"] = base * lr_f
+            lr = self.base_lrs[0] * lr_f
+            state = TrainState(
+                epoch=epoch, step=epoch * spe + i, epoch_step=i, steps_per_epoch=spe, total_epochs=cfg.epochs,
+                t=t, progress=t / cfg.epochs, eps=eps, eps_target=cfg.eps.value, lr=lr, values=values,
+            )
+            out = self.objective(model, xb, yb, eps, state)
+            if not bool(torch.isfinite(out.loss)):
+                raise CertorchError(f"training diverged: loss is {float(out.loss)} at epoch {epoch + 1}, step {i + 1} (try a lower optim.lr)")
+            opt.zero_grad(set_to_none=True)  # after the objective: attacks must not leak into .grad
+            out.loss.backward()
+            if cfg.optim.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            b = yb.shape[0]
+            n_seen += b
+            sums["loss"] = sums.get("loss", 0) + out.loss.detach() * b
+            for k, v in out.metrics.items():
+                v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                sums[k] = sums.get(k, 0) + v * b
+            if out.logits is not None:
+                correct += (out.logits.argmax(1) == yb).sum()
+                n_acc += b
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{float(out.loss):.3f}", eps=f"{eps:.3g}")
+        if bar is not None:
+            bar.close()
+        rec: dict[str, Any] = {"train_loss": _tensor_mean(sums.pop("loss", 0), n_seen)}
+        if n_acc:
+            rec["train_acc"] = _tensor_mean(correct, n_acc)
+        rec.update({f"train_{k}": _tensor_mean(v, n_seen) for k, v in sums.items()})
+        rec.update({"eps": eps, "lr": lr, **values})
+        return rec
+
+    def fit(self, stop_after: int | None = None) -> RunResult:
+        """Train to ``cfg.epochs`` (from the checkpoint when resuming). ``stop_after=k`` stops
+        after epoch ``k`` as if the process were killed (used to test resuming)."""
+        created = existed_empty = False
+        if not self.resume:
+            existed_empty = self.run_dir.is_dir()
+            created = True
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.resume:
+                self._restore()
+            if is_main_process():
+                ckpt.atomic_write_text(self.run_dir / CONFIG, config_to_yaml(self.cfg))
+            self._loop(stop_after)
+        except BaseException:
+            if created and ckpt.latest_checkpoint(self.run_dir / ckpt.CKPT_DIR) is None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing worth keeping
+                if existed_empty:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+            raise
+        summary = self.summary()
+        if is_main_process():
+            plot_curves(self.history, self.run_dir / PLOT, title=f"{self.cfg.name} ({self.cfg.method.name})")
+        return RunResult(self.run_dir, self.model, self.history, summary)
+
+    def _loop(self, stop_after: int | None) -> None:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {"epoch": epoch + 1}
+            rec.update(self.train_epoch(epoch))
+            t1 = time.perf_counter()
+            rec["train_seconds"] = t1 - t0
+            last = epoch + 1 == cfg.epochs
+            if self.eval_x is not None and ((epoch + 1) % cfg.eval.every == 0 or last):
+                rec.update(evaluate(self.model, self.eval_x, self.eval_y, cfg, self.objective))
+                rec["eval_eps"] = cfg.eval_eps
+            rec["eval_seconds"] = time.perf_counter() - t1
+            self.seconds += time.perf_counter() - t0
+            rec["seconds"] = time.perf_counter() - t0
+            self.history.append(rec)
+            if is_main_process():
+                if (epoch + 1) % cfg.checkpoint.every == 0 or last or stop_after == epoch + 1:
+                    self._save(epoch + 1, rec)
+                write_history(self.run_dir, self.history)
+                ckpt.atomic_write_text(self.run_dir / SUMMARY, json.dumps(self.summary(), indent=2) + "\n")
+                self.log(_epoch_line(rec, cfg.epochs))
+            if stop_after is not None and epoch + 1 >= stop_after:
+                break
+
+    def summary(self) -> dict[str, Any]:
+        """The small ``summary.json`` of the run."""
+        from certorch.models import count_params
+
+        last = self.history[-1] if self.history else {}
+        latest = ckpt.latest_checkpoint(self.run_dir / ckpt.CKPT_DIR)
+        return {
+            "name": self.cfg.name,
+            "dataset": self.dataset,
+            "model": self.cfg.model.name,
+            "method": self.cfg.method.name,
+            "params": count_params(self.model),
+            "device": str(self.device),
+            "epochs": self.cfg.epochs,
+            "epochs_done": int(last.get("epoch", 0)),
+            "train_eps": self.cfg.eps.value,
+            "eval_eps": self.cfg.eval_eps,
+            "eval_size": 0 if self.eval_y is None else int(len(self.eval_y)),
+            "seconds": round(self.seconds, 3),
+            "final": {k: v for k, v in last.items() if not k.endswith("seconds")},
+            "checkpoint": str(latest.relative_to(self.run_dir)) if latest is not None else None,
+        }
+
+
+def _epoch_line(rec: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {rec['epoch']}/{epochs}"]
+    for key in ("train_loss", "eps", "nat_acc", "pgd_acc"):
+        if key in rec and isinstance(rec[key], float) and math.isfinite(rec[key]):
+            parts.append(f"{key} {rec[key]:.4f}")
+    parts.append(f"{rec.get('seconds', 0.0):.1f}s")
+    return "  ".join(parts)
+
+
+def config_of_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The resolved config stored in ``run_dir/config.yaml``, with overrides applied."""
+    from certorch.config.schema import read_yaml
+
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise CertorchError(f"no {CONFIG} in {run_dir}: not a certorch run directory")
+    return config_from_dict(read_yaml(path), overrides)
