@@ -34,6 +34,15 @@ ATTACKS = [
 IDS = ["pgd-ce", "pgd-margin-restarts", "pgd-step-last", "fgsm", "cw"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and does not fight other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _data(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic k-class data in [0, 1]^d: Gaussian blobs around random centres, clipped."""
     centres = torch.rand(k, d, generator=torch.Generator().manual_seed(1234))  # shared by train/test
@@ -45,12 +54,12 @@ def _data(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny MLP trained for 300 Adam steps on 10-class blobs, plus held-out data."""
+    """A tiny MLP trained for 200 Adam steps on 10-class blobs, plus held-out data."""
     torch.manual_seed(0)
-    x, y = _data(512, 16, 10, seed=1)
-    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = _data(256, 16, 10, seed=1)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(200):
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
