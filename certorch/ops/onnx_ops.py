@@ -1,0 +1,97 @@
+"""Element-wise affine module for imported ONNX networks: ``x * scale + shift``.
+
+ONNX graphs express normalization and constant bias as ``Sub``/``Div``/``Mul``/``Add`` with
+constant tensors (per channel, per element or scalar). :class:`ElementwiseAffine` is the one
+module the ONNX importer emits for all of them (and for folded ``BatchNormalization``). It is
+registered with the op registry as a diagonal affine map, so every bound method, the MILP and
+the graph capture support it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from certorch.errors import CertorchError
+from certorch.ops.base import AffineOp
+from certorch.ops.maps import AffineMap
+from certorch.ops.registry import register_module_op
+
+__all__ = ["ElementwiseAffine", "ElementwiseAffineMap", "ElementwiseAffineOp"]
+
+
+class ElementwiseAffine(nn.Module):
+    """``x * scale + shift`` with constant tensors broadcastable to one example's shape.
+
+    ``scale``/``shift``: tensors whose shape broadcasts to ``(*example_shape)`` without growing
+    it (e.g. ``()``, ``(C, 1, 1)``, ``(C, H, W)``); ``None`` means 1 / 0. Stored as buffers.
+    Input (B, *example_shape) -> output of the same shape.
+    """
+
+    scale: Tensor | None
+    shift: Tensor | None
+
+    def __init__(self, scale: Tensor | None = None, shift: Tensor | None = None) -> None:
+        super().__init__()
+        for name, t in (("scale", scale), ("shift", shift)):
+            if t is not None and (not isinstance(t, Tensor) or not bool(torch.isfinite(t).all())):
+                raise CertorchError(f"ElementwiseAffine: {name} must be a finite tensor")
+        self.register_buffer("scale", None if scale is None else scale.detach().clone())
+        self.register_buffer("shift", None if shift is None else shift.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scale is not None:
+            x = x * self.scale
+        if self.shift is not None:
+            x = x + self.shift
+        return x
+
+    def extra_repr(self) -> str:
+        shp = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
+        return f"scale={shp(self.scale)}, shift={shp(self.shift)}"
+
+
+@dataclass
+class ElementwiseAffineMap(AffineMap):
+    """Diagonal map ``v -> v * scale + shift``; scale/shift broadcast to one example's shape."""
+
+    scale: Tensor | None
+    shift: Tensor | None
+    diagonal = True
+
+    def apply(self, x: Tensor) -> Tensor:
+        return x if self.scale is None else x * self.scale
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        if self.scale is None:
+            return pos[0]
+        return pos[0] * self.scale.clamp(min=0) + neg[0] * self.scale.clamp(max=0)
+
+    def apply_abs(self, x: Tensor) -> Tensor:
+        return x if self.scale is None else x * self.scale.abs()
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        return [self.apply(A)]
+
+    def offset(self) -> Tensor | None:
+        return self.shift
+
+
+class ElementwiseAffineOp(AffineOp):
+    kind = "elementwise_affine"
+
+    def __init__(self, module: ElementwiseAffine, in_shape, out_shape):
+        if tuple(in_shape) != tuple(out_shape):
+            raise CertorchError(
+                f"ElementwiseAffine must keep the shape: input {tuple(in_shape)} became {tuple(out_shape)}"
+            )
+        self.module = module
+
+    def affine(self, dtype, values=None) -> AffineMap:
+        m = self.module
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return ElementwiseAffineMap(cast(m.scale), cast(m.shift))
+
+
+register_module_op(ElementwiseAffine)(lambda m, ins, out: ElementwiseAffineOp(m, ins[0], out))
