@@ -173,8 +173,7 @@ class Trainer:
         self.log = log if log is not None else (lambda s: print(s, file=sys.stderr))
         if resume and ckpt.latest_checkpoint(self.run_dir / ckpt.CKPT_DIR) is None:
             raise CertorchError(f"cannot resume: no complete checkpoint in {self.run_dir / ckpt.CKPT_DIR}")
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise CertorchError(f"run directory {self.run_dir} already exists and is not empty (use --resume or another --out)")
+        self._check_run_dir()
         self.device = resolve_device(cfg.device)
         self.objective = build_objective(cfg.method.name, cfg.method.params)
         ddir = data_dir if data_dir is not None else cfg.data.data_dir
@@ -197,6 +196,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.seconds = 0.0
+
+    def _check_run_dir(self) -> None:
+        if not self.resume and self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
+            raise CertorchError(f"run directory {self.run_dir} already exists and is not empty (use --resume or another --out)")
 
     # -------------------------------------------------------------- state
     def schedule_values(self, t: float) -> tuple[float, dict[str, float]]:
@@ -241,7 +244,7 @@ class Trainer:
         if cfg.progress and is_main_process():
             from tqdm import tqdm
 
-            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
         eps = 0.0
         values: dict[str, float] = {}
         lr = 0.0
@@ -280,7 +283,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(out.loss):.3f}", eps=f"{eps:.3g}")
+                    bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", eps=f"{eps:.3g}")
         if bar is not None:
             bar.close()
         rec: dict[str, Any] = {"train_loss": _tensor_mean(sums.pop("loss", 0), n_seen)}
@@ -293,6 +296,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> RunResult:
         """Train to ``cfg.epochs`` (from the checkpoint when resuming). ``stop_after=k`` stops
         after epoch ``k`` as if the process were killed (used to test resuming)."""
+        self._check_run_dir()
         created = existed_empty = False
         if not self.resume:
             existed_empty = self.run_dir.is_dir()

@@ -1,0 +1,53 @@
+"""Print a run's summary and its per-epoch metrics.
+
+  certorch report runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "report"
+HELP = "print the summary table of a run (directory or checkpoint)"
+
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "eps", "lr", "eval_loss", "nat_acc", "pgd_acc", "seconds"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory or checkpoint (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    from certorch.errors import CertorchError
+    from certorch.train.checkpoint import load_checkpoint
+    from certorch.train.metrics import format_table, read_history
+    from certorch.train.run import run_dir_of
+
+    run_dir = run_dir_of(args.run)
+    summary, history = None, []
+    if run_dir is not None and (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CertorchError(f"corrupt {run_dir / 'summary.json'}: {e}") from None
+        history = read_history(run_dir)
+    if summary is None:  # a loose checkpoint: use its metadata
+        c = load_checkpoint(args.run)
+        cfg = c.config
+        summary = {
+            "name": cfg.get("name"), "dataset": (cfg.get("data") or {}).get("dataset"),
+            "model": (cfg.get("model") or {}).get("name"), "method": (cfg.get("method") or {}).get("name"),
+            "epochs_done": c.epoch, "final": c.metrics,
+        }
+        history = [c.metrics] if c.metrics else []
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    keys = ["name", "dataset", "model", "method", "params", "device", "epochs_done", "train_eps", "eval_eps", "eval_size", "seconds"]
+    print(format_table([{k: summary.get(k) for k in keys if k in summary}]))
+    if history:
+        cols = [c for c in EPOCH_COLUMNS if any(c in r for r in history)]
+        print()
+        print(format_table(history, cols))
+    return 0
