@@ -1,0 +1,280 @@
+"""Verification problems and stages (small objects with one ``run`` method, DESIGN.md item 7).
+
+A :class:`Problem` is a batch of B properties sharing one output-spec structure:
+
+* input set: ``box`` (B, *input_shape), float64;
+* output spec: rows ``C`` (B, S, K) and offsets ``d`` (B, S) grouped into ``regions`` (tuples of
+  row indices). The value of region ``g`` at x is ``v_g(x) = max_{r in g} (C_r f(x) + d_r)``; the
+  property holds iff ``v_g(x) > 0`` for every region and every x in the box. Classification
+  margins: one row ``e_y - e_j`` per region. VNN-LIB: one region per unsafe disjunct.
+
+A :class:`Stage` sees the undecided examples and returns per-example verdicts (or None), lower
+bounds and candidate counterexamples. The pipeline's final entry point
+(:func:`certorch.verify.pipeline.run_stages`) enforces the invariants (timing, errors,
+float64 recheck of counterexamples).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from certorch.domains.box import Box
+from certorch.errors import CertorchError
+from certorch.verify.results import Verdict
+
+
+@dataclass
+class Problem:
+    model: nn.Module
+    box: Box
+    C: Tensor
+    d: Tensor
+    regions: tuple[tuple[int, ...], ...]
+    x: Tensor | None = None  # clean points (B, *in), float64
+    y: Tensor | None = None  # labels (B,) for classification problems
+    eps: float | None = None  # radius of the L-inf ball (classification), for certificates that need it
+    threads: int = 1
+    scratch: dict = field(default_factory=dict)  # per-call caches (node bounds, region lower bounds)
+
+    @property
+    def batch(self) -> int:
+        return self.box.lower.shape[0]
+
+    @property
+    def center(self) -> Tensor:
+        return self.x if self.x is not None else self.box.center
+
+    def region_index(self) -> Tensor:
+        """(R, Lmax) row indices per region, padded with -1."""
+        L = max(len(g) for g in self.regions)
+        idx = torch.full((len(self.regions), L), -1, dtype=torch.long)
+        for k, g in enumerate(self.regions):
+            idx[k, : len(g)] = torch.tensor(g)
+        return idx
+
+    def region_max(self, rows: Tensor) -> Tensor:
+        """(n, S) per-row quantities -> (n, R) max over each region's rows."""
+        idx = self.region_index().to(rows.device)
+        padded = torch.cat([rows, torch.full_like(rows[:, :1], -math.inf)], dim=1)
+        return padded[:, idx.clamp(min=-1) % (rows.shape[1] + 1)].amax(dim=2)
+
+    def values(self, out: Tensor, idx: Tensor) -> Tensor:
+        """Region values (n, R) of outputs ``out`` (n, K) for examples ``idx`` (n,)."""
+        C, d = self.C[idx].to(out.dtype), self.d[idx].to(out.dtype)
+        return self.region_max(torch.einsum("nsk,nk->ns", C, out.flatten(1)) + d)
+
+    def region_lb(self, i: int) -> np.ndarray:
+        """Best known lower bounds (R,) of example ``i``'s region values."""
+        store = self.scratch.setdefault("region_lb", {})
+        if i not in store:
+            store[i] = np.full(len(self.regions), -np.inf)
+        return store[i]
+
+    def update_region_lb(self, idx: Tensor, lbs: Tensor) -> None:
+        for pos, i in enumerate(idx.tolist()):
+            cur = self.region_lb(i)
+            np.maximum(cur, lbs[pos].detach().cpu().numpy(), out=cur)
+
+
+@dataclass
+class StageOutput:
+    """Per-example outputs (n = number of examples given to the stage)."""
+
+    verdicts: list[Verdict | None]
+    lower: Tensor | None = None  # (n,) lower bounds of min over regions
+    counterexamples: dict[int, Tensor] = field(default_factory=dict)  # position -> (*in,)
+    seconds: list[float] | None = None  # per-example seconds (per-example stages)
+    timed_out: list[bool] | None = None
+    messages: dict[int, str] = field(default_factory=dict)
+
+
+class Stage:
+    """Subclasses set ``name`` and implement :meth:`run`; ``batched`` stages run on all
+    undecided examples at once (their time is shared equally)."""
+
+    name: str = "stage"
+    batched: bool = True
+
+    def run(self, problem: Problem, idx: Tensor, budget: np.ndarray) -> StageOutput:
+        """``idx``: (n,) undecided example indices; ``budget``: (n,) seconds left per example."""
+        raise NotImplementedError
+
+
+def float64_forward(problem: Problem, x: Tensor) -> Tensor:
+    """Float64 outputs (n, K) at (n, *in) inputs, through the captured graph (model untouched)."""
+    from certorch.graph.capture import capture
+
+    x = x.to(torch.float64)
+    try:
+        graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
+    except CertorchError:
+        import copy
+
+        m = problem.scratch.get("model64")
+        if m is None:
+            m = problem.scratch["model64"] = copy.deepcopy(problem.model).to(torch.float64).eval()
+        with torch.no_grad():
+            return m(x).flatten(1)
+    with torch.no_grad():
+        return graph.forward(x)[graph.output].flatten(1)
+
+
+class CleanStage(Stage):
+    """Classification: the clean point must be classified as ``y`` (else NOT_VERIFIED).
+    Other specs: the box center is tried as a counterexample."""
+
+    name = "clean"
+
+    def run(self, problem, idx, budget):
+        x = problem.center[idx]
+        out = float64_forward(problem, x)
+        n = idx.numel()
+        if problem.y is not None:
+            wrong = out.argmax(dim=1) != problem.y[idx].to(out.device)
+            return StageOutput([Verdict.NOT_VERIFIED if w else None for w in wrong.tolist()])
+        v = problem.values(out, idx).amin(dim=1)
+        bad = (v <= 0).tolist()
+        return StageOutput([Verdict.FALSIFIED if b else None for b in bad],
+                           counterexamples={p: x[p] for p in range(n) if bad[p]})
+
+
+class BoundStage(Stage):
+    """IBP / CROWN / any ``ct.bound`` method, batched; CROWN also caches per-node bounds."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.name = method
+
+    def run(self, problem, idx, budget):
+        from certorch.bounds.api import bound
+
+        keep = method_keeps_nodes(self.method)
+        with torch.no_grad():
+            res = bound(problem.model, problem.center[idx], method=self.method, C=problem.C[idx],
+                        box=problem.box[idx], dtype=torch.float64, return_intermediate=keep)
+        rows = res.lower + problem.d[idx].to(res.lower.dtype)
+        reg = problem.region_max(rows)
+        problem.update_region_lb(idx, reg)
+        if keep:
+            cache_node_bounds(problem, idx, res.intermediate)
+        lower = reg.amin(dim=1)
+        return StageOutput([Verdict.VERIFIED if v > 0 else None for v in lower.tolist()], lower=lower)
+
+
+def method_keeps_nodes(method: str) -> bool:
+    return method in ("crown",)
+
+
+def cache_node_bounds(problem: Problem, idx: Tensor, intermediate: dict[str, Box]) -> None:
+    """Store flat float64 numpy (l, u) per node index for each example of ``idx``."""
+    from certorch.graph.capture import capture
+
+    graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
+    names = {n.name: n.index for n in graph.nodes}
+    store = problem.scratch.setdefault("node_bounds", {})
+    flat = {names[k]: (b.lower.detach().flatten(1).cpu().numpy(), b.upper.detach().flatten(1).cpu().numpy())
+            for k, b in intermediate.items() if k in names}
+    for pos, i in enumerate(idx.tolist()):
+        store[i] = {k: (l[pos].copy(), u[pos].copy()) for k, (l, u) in flat.items()}
+
+
+def node_bounds(problem: Problem, i: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per-node CROWN bounds of example ``i`` (computed on demand, cached)."""
+    store = problem.scratch.setdefault("node_bounds", {})
+    if i not in store:
+        BoundStage("crown").run(problem, torch.tensor([i]), np.array([math.inf]))
+    return store[i]
+
+
+class AttackStage(Stage):
+    """PGD (or CW) from :mod:`certorch.attacks` for classification; a projected sign-gradient
+    descent on the region values for other specs. Candidates are rechecked by the pipeline."""
+
+    def __init__(self, name: str = "pgd", steps: int = 40, restarts: int = 2, seed: int = 0):
+        self.name = name
+        self.steps, self.restarts, self.seed = steps, restarts, seed
+
+    def run(self, problem, idx, budget):
+        box = problem.box[idx]
+        if problem.y is not None:
+            from certorch.attacks import build_attack
+
+            kw = dict(steps=self.steps, seed=self.seed)
+            if self.name == "pgd":
+                kw.update(restarts=self.restarts, loss="margin")
+            atk = build_attack(self.name, **kw)
+            param = next(problem.model.parameters(), None)
+            dt = param.dtype if param is not None else torch.float32
+            c, r = box.center.to(dt), box.radius.to(dt)
+            res = atk(problem.model, c, problem.y[idx], r, box.lower.to(dt), box.upper.to(dt))
+            x_adv, hit = res.x_adv.to(torch.float64), res.success
+        else:
+            x_adv = spec_pgd(problem, idx, self.steps, self.restarts, self.seed)
+            hit = torch.ones(idx.numel(), dtype=torch.bool)
+        v = problem.values(float64_forward(problem, x_adv), idx).amin(dim=1)
+        found = [bool(h) and float(val) <= 0 for h, val in zip(hit.tolist(), v.tolist())]
+        return StageOutput([Verdict.FALSIFIED if f else None for f in found],
+                           counterexamples={p: x_adv[p] for p, f in enumerate(found) if f})
+
+
+def spec_pgd(problem: Problem, idx: Tensor, steps: int, restarts: int, seed: int) -> Tensor:
+    """Minimize ``min_g v_g(x)`` over the box by projected sign-gradient steps; (n, *in) float64."""
+    from certorch.graph.capture import capture
+
+    graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
+    lo, hi = problem.box.lower[idx].to(torch.float64), problem.box.upper[idx].to(torch.float64)
+    gen = torch.Generator(device=lo.device).manual_seed(seed)
+    best, best_v = problem.center[idx].to(torch.float64).clone(), None
+    step = (hi - lo) / 4
+    for r in range(max(restarts, 1)):
+        x = lo + (hi - lo) * torch.rand(lo.shape, generator=gen, dtype=lo.dtype, device=lo.device) if r else best.clone()
+        for t in range(steps):
+            x.requires_grad_(True)
+            v = problem.values(graph.forward(x)[graph.output].flatten(1), idx).amin(dim=1)
+            (g,) = torch.autograd.grad(v.sum(), x)
+            with torch.no_grad():
+                x = torch.minimum(torch.maximum(x - step * (0.97 ** t) * g.sign(), lo), hi)
+        with torch.no_grad():
+            v = problem.values(graph.forward(x)[graph.output].flatten(1), idx).amin(dim=1)
+            if best_v is None:
+                best_v = torch.full_like(v, math.inf)
+            better = v < best_v
+            best[better] = x[better]
+            best_v = torch.minimum(best_v, v)
+    return best.detach()
+
+
+class LinfDistStage(Stage):
+    """The L_inf-dist certificate (Lipschitz margin / head IBP) of ``certorch.nn.linf_dist_cert``."""
+
+    name = "linf"
+
+    def run(self, problem, idx, budget):
+        from certorch.nn import linf_dist_cert as cert
+
+        if problem.y is None or problem.eps is None:
+            raise CertorchError("the L_inf-dist certificate needs a classification spec (labels and eps)")
+        from certorch.nn.linf_dist import split_backbone_head
+        from certorch.spec import margins
+
+        x, y = problem.center[idx], problem.y[idx]
+        x = x.to(next(problem.model.parameters()).dtype)
+        L = cert.lipschitz_factor(problem.model)
+        features, head = split_backbone_head(problem.model)
+        problem.model.eval()
+        with torch.no_grad():
+            try:  # pure L_inf-dist net: each logit moves by at most eps * L
+                ok = cert.margin_certificate(problem.model, x, y, problem.eps)
+                lower = margins(problem.model(x), y).min(dim=1).values - 2 * problem.eps * L
+            except CertorchError:  # Net+MLP: IBP through the head on the feature box
+                f = features(x).flatten(1)
+                lb = cert.head_margin_lower_bound(head, f - problem.eps * L, f + problem.eps * L, y)
+                lower = lb.min(dim=1).values
+                ok = lower > 0
+        lower = lower.to(torch.float64)
+        return StageOutput([Verdict.VERIFIED if (o and v > 0) else None for o, v in zip(ok.tolist(), lower.tolist())],
+                           lower=lower)
