@@ -16,6 +16,8 @@ from certorch.attacks.pgd_attack import PGD, attack_loss, input_gradient, step_f
 from certorch.attacks.fgsm import FGSM
 from certorch.attacks.cw import CW
 from certorch.attacks.pgd_attack import pgd
+from certorch.attacks.interval import IntervalAttack
+from certorch.attacks.latent import LatentAttackResult, forward_from, latent_attack
 
 __all__ = [
     "Attack",
@@ -23,6 +25,10 @@ __all__ = [
     "PGD",
     "FGSM",
     "CW",
+    "IntervalAttack",
+    "latent_attack",
+    "LatentAttackResult",
+    "forward_from",
     "pgd",
     "register_attack",
     "build_attack",
