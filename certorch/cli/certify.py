@@ -1,0 +1,211 @@
+"""Certify L-inf robustness of a trained model example by example (attack, IBP, CROWN, LP, MILP).
+
+  certorch certify runs/mnist_small_pgd --eps 0.02 --n 1000 --stages pgd,ibp,crown,lp,milp --timeout 60
+  certorch certify mnist_small --weights model.safetensors --data mnist --eps 0.1 --workers 2
+  certorch certify runs/x --eps-sweep 0.01,0.02,0.05 --stages pgd,crown --out runs/x/certify
+
+Writes ``OUT/results-eps{eps}.jsonl`` (one line per example; rerunning skips examples already
+there), ``OUT/counterexamples/`` (float64 counterexamples, safetensors), ``OUT/summary.json``
+and, for several eps, ``OUT/certified_vs_eps.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+NAME = "certify"
+HELP = "per-example certification (verified / falsified / unknown / timeout) with JSONL results"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN_OR_MODEL", help="run directory, checkpoint, or zoo model name (with --weights)")
+    p.add_argument("--weights", default=None, help="safetensors weights for a zoo model name")
+    p.add_argument("--data", default=None, help="dataset (default: the run's dataset)")
+    p.add_argument("--eps", type=float, default=None, help="L-inf radius in pixel space [0, 1]")
+    p.add_argument("--eps-sweep", default=None, help="comma-separated radii; also plots certified accuracy vs eps")
+    p.add_argument("--n", type=int, default=1000, help="first N test examples (default 1000)")
+    p.add_argument("--stages", default="pgd,ibp,crown,lp,milp", help="comma-separated stages, in order")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per example (default 60)")
+    p.add_argument("--workers", type=int, default=1, help="parallel Ray workers (default 1: in-process)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster at HOST:PORT")
+    p.add_argument("--threads", type=int, default=1, help="HiGHS threads per example")
+    p.add_argument("--chunk", type=int, default=8, help="examples per task")
+    p.add_argument("--float64", action="store_true", help="run the model (clean pass, attacks) in float64 too")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/certify or runs/certify-MODEL)")
+
+
+def _parse_eps(args) -> list[float]:
+    from certorch.errors import CertorchError
+    from certorch.spec import check_eps
+
+    if args.eps_sweep:
+        try:
+            eps = [float(e) for e in args.eps_sweep.split(",") if e.strip()]
+        except ValueError:
+            raise CertorchError(f"--eps-sweep must be comma-separated numbers, got {args.eps_sweep!r}") from None
+    elif args.eps is not None:
+        eps = [args.eps]
+    else:
+        raise CertorchError("give --eps or --eps-sweep")
+    if not eps:
+        raise CertorchError("--eps-sweep is empty")
+    for e in eps:
+        check_eps(e)
+    return eps
+
+
+def load_model_and_data(args):
+    """(model, dataset name, default out dir) from a run dir / checkpoint or a zoo name + weights."""
+    from certorch.errors import CertorchError
+
+    path = Path(args.run)
+    if args.weights is None and path.exists():
+        from certorch.train import load_run
+
+        loaded = load_run(path, "cpu")
+        base = loaded.run_dir or path.parent
+        return loaded.model, args.data or loaded.config.data.dataset, base / "certify"
+    from certorch.models import build, model_info
+
+    if args.weights is None:
+        raise CertorchError(f"{args.run!r} is neither a run directory nor a checkpoint (for a zoo model name, "
+                            "give --weights FILE.safetensors)")
+    model_info(args.run)
+    if args.data is None:
+        raise CertorchError("a zoo model name needs --data")
+    from safetensors.torch import load_file
+
+    if not Path(args.weights).is_file():
+        raise CertorchError(f"weights file not found: {args.weights}")
+    model = build(args.run, dataset=args.data)
+    try:
+        model.load_state_dict(load_file(args.weights))
+    except Exception as e:  # noqa: BLE001
+        raise CertorchError(f"weights {args.weights} do not fit model {args.run!r}: {str(e).splitlines()[0]}") from None
+    return model.eval(), args.data, Path("runs") / f"certify-{args.run}"
+
+
+def read_done(path: Path) -> dict[int, dict]:
+    """Results already in a JSONL file, by example index (a truncated last line is ignored)."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                done[int(d["index"])] = d
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def summarize(rows: list[dict], eps: float) -> dict:
+    """Summary of per-example JSON rows: accuracies, counts per verdict and deciding stage, time."""
+    n = len(rows)
+    verdicts = Counter(r["verdict"] for r in rows)
+    stages = Counter(r["stage"] for r in rows if r["verdict"] in ("verified", "falsified", "not_verified"))
+    secs = [r["seconds"] for r in rows]
+    frac = lambda k: verdicts.get(k, 0) / n if n else float("nan")  # noqa: E731
+    return {
+        "eps": eps,
+        "examples": n,
+        "clean_acc": 1 - frac("not_verified"),
+        "pgd_acc": 1 - frac("not_verified") - frac("falsified"),
+        "certified_acc": frac("verified"),
+        **{f"n_{k}": verdicts.get(k, 0) for k in ("verified", "falsified", "unknown", "timeout", "error", "not_verified")},
+        "decided_by": dict(sorted(stages.items())),
+        "median_s": statistics.median(secs) if secs else float("nan"),
+        "total_s": sum(secs),
+    }
+
+
+def _plot(summaries: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([s["eps"] for s in summaries], [s["certified_acc"] for s in summaries], "o-", label="certified")
+    ax.plot([s["eps"] for s in summaries], [s["pgd_acc"] for s in summaries], "s--", label="not falsified")
+    ax.set_xlabel("eps (L-inf)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "certified_vs_eps.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from certorch.cli.main import data_dir
+    from certorch.data import load
+    from certorch.distributed.ray_certify import certify_sharded, shutdown
+    from certorch.errors import CertorchError
+    from certorch.train.metrics import format_table
+    from certorch.verify.pipeline import build_stages, check_timeout
+
+    eps_list = _parse_eps(args)
+    check_timeout(args.timeout)
+    if args.n < 1:
+        raise CertorchError(f"--n must be >= 1, got {args.n}")
+    if args.workers < 1:
+        raise CertorchError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads < 1 or args.chunk < 1:
+        raise CertorchError("--threads and --chunk must be >= 1")
+    model, dataset, default_out = load_model_and_data(args)
+    build_stages(args.stages, model)  # validate names before any work
+    if args.float64:
+        model = model.to(torch.float64)
+    ds = load(dataset, "test", data_dir=data_dir(args), subset=args.n)
+    out = Path(args.out) if args.out else default_out
+    (out / "counterexamples").mkdir(parents=True, exist_ok=True)
+    summaries = []
+    try:
+        for eps in eps_list:
+            jsonl = out / f"results-eps{eps:g}.jsonl"
+            done = read_done(jsonl)
+            todo = [i for i in range(len(ds.labels)) if i not in done]
+            x = ds.images[todo]
+            if args.float64:
+                x = x.to(torch.float64)
+            y = ds.labels[todo]
+            bar = tqdm(total=len(ds.labels), initial=len(done), desc=f"certify eps={eps:g}", unit="ex")
+            with open(jsonl, "a") as f:
+                if todo:
+                    for results in certify_sharded(model, x, y, eps, args.stages, args.timeout, index=todo,
+                                                   workers=args.workers, address=args.address,
+                                                   chunk_size=args.chunk, threads=args.threads):
+                        for r in results:
+                            if r.counterexample is not None:
+                                from safetensors.torch import save_file
+
+                                save_file({"x": r.counterexample.contiguous()},
+                                          str(out / "counterexamples" / f"eps{eps:g}-{r.index}.safetensors"))
+                            d = r.to_json()
+                            done[r.index] = d
+                            f.write(json.dumps(d) + "\n")
+                        f.flush()
+                        bar.update(len(results))
+            bar.close()
+            summaries.append(summarize([done[i] for i in sorted(done) if i < len(ds.labels)], eps))
+    finally:
+        shutdown()
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    cols = ["eps", "examples", "clean_acc", "pgd_acc", "certified_acc", "n_verified", "n_falsified", "n_unknown",
+            "n_timeout", "n_error", "median_s", "total_s"]
+    print(format_table(summaries, cols))
+    for s in summaries:
+        print(f"eps={s['eps']:g} decided by stage: " + ", ".join(f"{k}={v}" for k, v in s["decided_by"].items()))
+    if len(summaries) > 1:
+        print(f"plot: {_plot(summaries, out)}")
+    print(f"results: {out}")
+    return 0
