@@ -24,6 +24,8 @@ COMMANDS: list[str] = [
     "report",
     "info",
     "demo",
+    "verify",
+    "certify",
 ]
 
 ENV_DATA = "CERTORCH_DATA"
