@@ -196,3 +196,17 @@ def test_dangling_input_is_a_clear_error():
 def test_supported_op_set_matches_spec():
     assert {"Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "Add", "Sub", "Div", "Mul",
             "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout"} == set(SUPPORTED_OPS)
+
+
+def test_docs_examples_run():
+    """The python blocks of docs/onnx_vnnlib.md run as written (docs must not drift)."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "onnx_vnnlib.md"
+    if not doc.is_file():
+        pytest.skip("docs not present")
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), {})

@@ -227,3 +227,16 @@ def test_soundness_cases_cover_sat_and_unsat():
         pytest.skip("run together with test_answers_are_sound_against_attacks")
     seen = set().union(*ANSWERS.values())
     assert {"sat", "unsat"} <= seen
+
+
+def test_undecided_stages_give_unknown(tmp_path, capsys):
+    """Only IBP on a property it cannot prove and no attack: `unknown`, exit 0."""
+    model = _net(1)
+    pts = torch.rand(2000, 3, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    with torch.no_grad():
+        best = float(model(pts)[:, 1].max())
+    prop = _box_text([0.2] * 3, [0.8] * 3) + "".join(f"(declare-const Y_{j} Real)\n" for j in range(3))
+    prop += f"(assert (>= Y_1 {best + 1e-3!r}))\n"  # probably unsat, but too close for IBP
+    onnx_path, prop_path = _files(tmp_path, model, (3,), prop)
+    rc, out, _ = _verify(capsys, onnx_path, prop_path, "--timeout", 5, "--stages", "ibp")
+    assert (rc, out) == (0, "unknown\n")
