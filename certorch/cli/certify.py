@@ -112,8 +112,8 @@ def summarize(rows: list[dict], eps: float) -> dict:
     return {
         "eps": eps,
         "examples": n,
-        "clean_acc": 1 - frac("not_verified"),
-        "pgd_acc": 1 - frac("not_verified") - frac("falsified"),
+        "clean_acc": (n - verdicts.get("not_verified", 0)) / n if n else float("nan"),
+        "pgd_acc": (n - verdicts.get("not_verified", 0) - verdicts.get("falsified", 0)) / n if n else float("nan"),
         "certified_acc": frac("verified"),
         **{f"n_{k}": verdicts.get(k, 0) for k in ("verified", "falsified", "unknown", "timeout", "error", "not_verified")},
         "decided_by": dict(sorted(stages.items())),

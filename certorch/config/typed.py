@@ -118,7 +118,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, type-checking values; unknown keys raise.
 
-    Missing keys take the field defaults; a missing key without a default raises. The
+    Missing keys take the field defaults; a partial mapping for a nested dataclass field
+    updates that field's default (so ``kappa: {ramp_epochs: 2}`` keeps the default start
+    and end); a missing key without a default raises. The
     dataclass's own ``__post_init__`` may raise :class:`CertorchError` for bad values.
     """
     data = {} if data is None else data
@@ -134,7 +136,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+            value = data[name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default):  # a partial mapping updates the default
+                    value = {**to_dict(default), **value}
+            kwargs[name] = _convert(value, hints[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise CertorchError(f"missing required config key {_join(path, name)!r}")
     try:

@@ -1,0 +1,118 @@
+"""CLI: one-line errors with exit code 2, a 1-epoch digits run, report/attack/info on it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from certorch.cli.main import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["epochs=1", "data.subset=128", "eval.size=32", "eval.steps=2", "method.params.steps=2", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", str(ROOT / "configs" / "digits_demo.yaml"), *FAST, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def error_line(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_train_run_dir_contents(run_dir, capsys):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "checkpoints"} <= names
+    assert (run_dir / "checkpoints" / "ckpt-0001.safetensors").is_file()
+    assert "epochs: 1" in (run_dir / "config.yaml").read_text()
+
+
+def test_report_prints_summary(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "digits_demo" in out and "nat_acc" in out
+
+
+def test_attack_prints_accuracies(run_dir, capsys):
+    ckpt = run_dir / "checkpoints" / "ckpt-0001.safetensors"
+    assert main(["attack", str(ckpt), "--eps", "0.05", "--n", "40", "--steps", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "natural_acc" in out and "robust_acc" in out
+
+
+def test_info_lists_registries(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("digits", "digits_mlp", "natural", "pgd"):
+        assert word in out
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["model.name=resnet9000"], "unknown model 'resnet9000'; valid:"),
+        (["method.name=magic"], "unknown method 'magic'; valid:"),
+        (["data.dataset=imagenet"], "unknown dataset 'imagenet'; valid:"),
+        (["eps.value=2"], "eps must be <= 1"),
+        (["method.params.steps=0"], "steps must be >= 1"),
+    ],
+)
+def test_train_bad_config_errors(tmp_path, capsys, extra, pattern):
+    out = tmp_path / "run"
+    line = error_line(capsys, ["train", str(ROOT / "configs" / "digits_demo.yaml"), *extra, "--out", str(out)])
+    assert pattern in line
+    assert not out.exists()  # nothing half-written
+
+
+def test_missing_data_dir(capsys, tmp_path):
+    line = error_line(capsys, ["--data-dir", str(tmp_path / "nope"), "info"])
+    assert "data directory not found" in line
+
+
+@pytest.mark.parametrize("eps", ["-0.1", "1.5", "nan"])
+def test_attack_bad_eps(run_dir, capsys, eps):
+    assert "eps must" in error_line(capsys, ["attack", str(run_dir), "--eps", eps])
+
+
+def test_corrupt_checkpoint(run_dir, capsys, tmp_path):
+    bad = tmp_path / "ckpt-0001.safetensors"
+    bad.write_bytes((run_dir / "checkpoints" / "ckpt-0001.safetensors").read_bytes()[:100])
+    assert "corrupt checkpoint" in error_line(capsys, ["attack", str(bad), "--eps", "0.1"])
+
+
+def test_corrupt_config(capsys, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: [1\n")
+    assert "cannot parse config" in error_line(capsys, ["train", str(p)])
+
+
+def test_unknown_command(capsys):
+    assert "invalid choice" in error_line(capsys, ["frobnicate"])
+
+
+def test_every_command_has_help(capsys):
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+    capsys.readouterr()
+
+
+def test_entry_point_subprocess(tmp_path):
+    exe = Path(sys.executable).with_name("certorch")
+    if not exe.exists():
+        pytest.skip("certorch entry point not installed")
+    r = subprocess.run([str(exe), "attack", str(tmp_path / "missing"), "--eps", "0.1"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
