@@ -31,7 +31,10 @@ from certorch.models.registry import register_model
 from certorch.nn.linf_dist import LInfDistConv2d, LInfDistLinear, Negate
 from certorch.nn.normalize import Normalize
 
-_PAPER = "Zhang, Cai, Lu, He, Wang. Towards Certifying L-infinity Robustness using Neural Networks with L-inf-dist Neurons. ICML 2021"
+_PAPER = (
+    "Zhang, Cai, Lu, He, Wang. Towards Certifying L-infinity Robustness using Neural Networks "
+    "with L-inf-dist Neurons. ICML 2021"
+)
 _DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 
 
@@ -198,7 +201,8 @@ def linf_dist_net_mlp(
 @register_model(
     "linf_dist_conv_mlp",
     datasets=("cifar10", "mnist", "fashion-mnist"),
-    description="Conv L_inf-dist Net+MLP (App. F): 5 conv 3x3 layers (paper 128,128,256s2,256,256; default 32,32,64s2,64,64) "
+    description="Conv L_inf-dist Net+MLP (App. F): 5 conv 3x3 layers "
+    "(paper 128,128,256s2,256,256; default 32,32,64s2,64,64) "
     "+ L_inf-dist 512 (default 256) + FC512 tanh + FC",
     paper=_PAPER,
 )

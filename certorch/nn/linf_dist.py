@@ -79,7 +79,8 @@ class _LInfDistBase(nn.Module):
     weight: nn.Parameter
 
     def _setup(
-        self, out_units: int, p: float, mean_shift: bool, bias: bool | None, impl: str, chunk_elems: int, momentum: float
+        self, out_units: int, p: float, mean_shift: bool, bias: bool | None, impl: str, chunk_elems: int,
+        momentum: float,
     ) -> None:
         self.p = p  # validated by the setter
         if impl not in IMPLS:
@@ -351,7 +352,9 @@ def linf_hinge_loss(logits: Tensor, y: Tensor, theta: float) -> Tensor:
     if not math.isfinite(theta) or theta < 0:
         raise CertorchError(f"hinge threshold theta must be finite and >= 0, got {theta}")
     if logits.dim() != 2 or logits.shape[1] < 2 or y.shape != logits.shape[:1]:
-        raise CertorchError(f"linf_hinge_loss expects logits (B, K>=2) and y (B,), got {tuple(logits.shape)}, {tuple(y.shape)}")
+        raise CertorchError(
+            f"linf_hinge_loss expects logits (B, K>=2) and y (B,), got {tuple(logits.shape)}, {tuple(y.shape)}"
+        )
     top1 = margins(logits, y).min(dim=1).values
     return F.relu(theta - top1).mean()
 

@@ -66,7 +66,9 @@ def _check_xy(x: Tensor, y: Tensor) -> None:
         raise CertorchError("expected x (B, ...) and labels y (B,) as tensors with matching batch size")
 
 
-def _prepare(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor | None) -> tuple[nn.Sequential, nn.Module, float]:
+def _prepare(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor | None
+) -> tuple[nn.Sequential, nn.Module, float]:
     _check_xy(x, y)
     if eps is not None:
         check_eps(eps)

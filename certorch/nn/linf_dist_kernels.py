@@ -58,6 +58,25 @@ def _blocks(rows: int, units: int, n: int, chunk_elems: int) -> Iterator[tuple[s
             yield slice(r0, min(r0 + rb, rows)), slice(u0, min(u0 + ub, units))
 
 
+class _Scratch:
+    """Reusable flat buffers for the blocks (fresh 32 MB tensors per block cost page faults)."""
+
+    def __init__(self, like: Tensor, rows: int, units: int, n: int, chunk_elems: int, count: int) -> None:
+        n = max(n, 1)
+        rb = max(1, min(rows, chunk_elems // n))
+        size = rb * max(1, min(units, chunk_elems // (rb * n))) * n
+        self.bufs = [like.new_empty(size) for _ in range(count)]
+
+    def views(self, shape: tuple[int, int, int]) -> list[Tensor]:
+        k = shape[0] * shape[1] * shape[2]
+        return [b[:k].view(shape) for b in self.bufs]
+
+
+def _diff(x: Tensor, w: Tensor, rs: slice, us: slice, out: Tensor) -> Tensor:
+    """``out[b, o, :] = x[rs][b] - w[us][o]`` written into the scratch view ``out``."""
+    return torch.sub(x[rs, None, :], w[None, us, :], out=out)
+
+
 class _LInfDistChunked(torch.autograd.Function):
     """``max_j |x_bj - w_oj|`` by blocks; saves the arg-max index for an O(M x O) backward."""
 
@@ -67,9 +86,10 @@ class _LInfDistChunked(torch.autograd.Function):
         O = w.shape[0]
         out = x.new_empty(M, O)
         idx = torch.empty(M, O, dtype=torch.long, device=x.device)
+        scratch = _Scratch(x, M, O, N, chunk_elems, 1)
         for rs, us in _blocks(M, O, N, chunk_elems):
-            d = (x[rs, None, :] - w[None, us, :]).abs_()
-            v, i = d.max(dim=-1)
+            (d,) = scratch.views((rs.stop - rs.start, us.stop - us.start, N))
+            v, i = _diff(x, w, rs, us, d).abs_().max(dim=-1)
             out[rs, us] = v
             idx[rs, us] = i
         ctx.save_for_backward(x, w, idx)
@@ -100,8 +120,10 @@ class _LpDistChunked(torch.autograd.Function):
         O = w.shape[0]
         out = x.new_empty(M, O)
         tiny = torch.finfo(x.dtype).tiny
+        scratch = _Scratch(x, M, O, N, chunk_elems, 1)
         for rs, us in _blocks(M, O, N, chunk_elems):
-            a = (x[rs, None, :] - w[None, us, :]).abs_()
+            (a,) = scratch.views((rs.stop - rs.start, us.stop - us.start, N))
+            _diff(x, w, rs, us, a).abs_()
             m = a.amax(dim=-1, keepdim=True)
             s = a.div_(m.clamp_min(tiny)).pow_(p).sum(dim=-1)
             out[rs, us] = m.squeeze(-1) * s.pow(1.0 / p)
@@ -120,11 +142,16 @@ class _LpDistChunked(torch.autograd.Function):
         tiny = torch.finfo(x.dtype).tiny
         gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        scratch = _Scratch(x, M, O, N, chunk_elems=ctx.chunk_elems, count=2)
         for rs, us in _blocks(M, O, N, ctx.chunk_elems):
-            d = x[rs, None, :] - w[None, us, :]
-            o = out[rs, us].clamp_min(tiny).unsqueeze(-1)
-            t = d.abs().div_(o).pow_(p - 1.0)  # base in [0, 1]: no overflow for any p
-            t.mul_(torch.sign(d)).mul_(g[rs, us].unsqueeze(-1))
+            d, t = scratch.views((rs.stop - rs.start, us.stop - us.start, N))
+            _diff(x, w, rs, us, d)
+            inv = out[rs, us].clamp_min(tiny).reciprocal().unsqueeze(-1)  # 1 / ||d||_p
+            torch.abs(d, out=t).mul_(inv)  # |d| / ||d||_p in [0, 1]: no overflow for any p
+            if p >= 2.0:  # sign(d) |d/o|^(p-1) = d |d/o|^(p-2) / o: saves a sign pass
+                t.pow_(p - 2.0).mul_(d).mul_(g[rs, us].unsqueeze(-1) * inv)
+            else:
+                t.pow_(p - 1.0).mul_(d.sign_()).mul_(g[rs, us].unsqueeze(-1))
             if gx is not None:
                 gx[rs] += t.sum(dim=1)
             if gw is not None:

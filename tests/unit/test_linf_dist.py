@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,18 +179,19 @@ def test_conv_matches_patchwise_reference_and_batch_chunking():
     cols = nn.functional.unfold(x.detach(), 3, padding=1, stride=2).transpose(1, 2)  # (B, L, 18)
     ref = _brute(cols.reshape(-1, 18), conv.weight.detach().reshape(3, -1), INF).view(5, -1, 3).transpose(1, 2)
     assert y.shape == (5, 3, 4, 3) and torch.allclose(y, ref.reshape(5, 3, 4, 3))
-    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, conv.weight))
     conv.chunk_elems = 10  # forces one checkpointed batch slice per example
     y2 = conv(x)
-    (gx2,) = torch.autograd.grad(y2.square().sum(), x)
-    assert torch.allclose(y, y2) and torch.allclose(gx, gx2)
+    gx2, gw2 = torch.autograd.grad(y2.square().sum(), (x, conv.weight))
+    assert torch.allclose(y, y2) and torch.allclose(gx, gx2) and torch.allclose(gw, gw2)
 
 
 # --------------------------------------------------------------- Lipschitz property
 def _pairs(shape, n=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((n, *shape), generator=g)
-    x2 = (x + (torch.rand((n, *shape), generator=g) * 2 - 1) * torch.rand((n, *([1] * len(shape))), generator=g)).clamp(0, 1)
+    scale = torch.rand((n, *([1] * len(shape))), generator=g)  # varied pair distances
+    x2 = (x + (torch.rand((n, *shape), generator=g) * 2 - 1) * scale).clamp(0, 1)
     return x, x2
 
 
@@ -333,6 +335,14 @@ def test_registry_builds_and_certifies():
     assert certify(mlp.eval(), x, y, 0.01).shape == (4,)
     cifar = build("linf_dist_net", dataset="cifar10", width=16)
     assert len([m for m in cifar.modules() if isinstance(m, LInfDistLinear)]) == 6
+
+
+def test_docs_example_runs():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "linf_dist.md").read_text()
+    code = doc.split("## Example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/linf_dist.md", "exec"), scope)
+    assert scope["ok"].shape == (8,) and (scope["radius"] >= 0).all()
 
 
 # ------------------------------------------------------------------------ memory
