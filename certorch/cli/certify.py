@@ -161,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
         raise CertorchError(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 1 or args.chunk < 1:
         raise CertorchError("--threads and --chunk must be >= 1")
+    if args.address:
+        from certorch.distributed.ray_certify import check_address
+
+        check_address(args.address)
     model, dataset, default_out = load_model_and_data(args)
     build_stages(args.stages, model)  # validate names before any work
     if args.float64:

@@ -108,6 +108,9 @@ def run_stages(problem: Problem, stages: Sequence[Stage], timeout: float | None 
     timed_out = np.zeros(B, dtype=bool)
     message = [""] * B
     for stage in stages:
+        for i in range(B):
+            if verdict[i] is None and not timed_out[i] and spent[i] >= limit:
+                timed_out[i] = True  # budget used up before this stage
         todo = [i for i in range(B) if verdict[i] is None and not timed_out[i]]
         if not todo:
             break

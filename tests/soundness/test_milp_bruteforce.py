@@ -110,7 +110,7 @@ def _check(seed, widths, n_in, eps):
     assert v == pytest.approx(milp.value, abs=1e-5 * max(1.0, abs(v)))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(seed=st.integers(0, 10**6), widths=st.sampled_from([[3], [5], [3, 3], [4, 3], [2, 2, 2], [4, 4]]),
        n_in=st.integers(1, 3), eps=st.sampled_from([0.05, 0.2, 0.5]))
 def test_milp_optimum_equals_bruteforce(seed, widths, n_in, eps):
@@ -125,7 +125,7 @@ def test_milp_optimum_equals_bruteforce_large(seed, widths, n_in, eps):
     _check(seed, widths, n_in, eps)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(seed=st.integers(0, 10**6), widths=st.sampled_from([[4], [3, 3]]), eps=st.sampled_from([0.1, 0.3]),
        shift=st.floats(-1.0, 1.0))
 def test_milp_verdict_matches_bruteforce(seed, widths, eps, shift):
