@@ -11,7 +11,7 @@ STAMP := $(VENV)/.certorch-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==2.13.0"
-	$(PIP) install -e ".[test,verify]"
+	$(PIP) install -e ".[test,verify,dist]"
 	# Peer libraries for cross-checks: --no-deps so they never pull another torch.
 	$(PIP) install --no-deps "auto-lirpa==0.3" "convex-adversarial==0.4.4"
 	touch $(STAMP)
