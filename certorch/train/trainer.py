@@ -275,7 +275,7 @@ class Trainer:
             n_seen += b
             sums["loss"] = sums.get("loss", 0) + out.loss.detach() * b
             for k, v in out.metrics.items():
-                v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v), device=self.device)
                 sums[k] = sums.get(k, 0) + v * b
             if out.logits is not None:
                 correct += (out.logits.argmax(1) == yb).sum()

@@ -116,3 +116,10 @@ def test_entry_point_subprocess(tmp_path):
     r = subprocess.run([str(exe), "attack", str(tmp_path / "missing"), "--eps", "0.1"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_extends_run(run_dir, capsys):
+    assert main(["train", "--resume", str(run_dir), "epochs=2", "--no-progress"]) == 0
+    assert (run_dir / "checkpoints" / "ckpt-0002.safetensors").is_file()
+    assert "epochs: 2" in (run_dir / "config.yaml").read_text()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
