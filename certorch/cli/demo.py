@@ -1,6 +1,6 @@
 """Train and evaluate a small robust model on the bundled 8x8 digits (no download).
 
-  certorch demo --out runs/demo            # about 20-60 s on 2 CPU cores
+  certorch demo --out runs/demo            # about 10 s on 2 CPU cores
 
 Steps: train :data:`DEMO_CONFIG` (natural warmup, then PGD training with a smooth eps
 ramp), evaluate the final model on the whole digits test split with every row of
@@ -17,13 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 NAME = "demo"
-HELP = "train + evaluate a small robust model on the bundled digits data (about a minute)"
+HELP = "train + evaluate a small robust model on the bundled digits data (about 10 s)"
 
 #: Same content as configs/digits_demo.yaml (a test keeps them equal).
 DEMO_CONFIG: dict = {
     "name": "digits_demo",
     "seed": 0,
     "device": "auto",
+    "threads": 1,
     "epochs": 10,
     "batch_size": 64,
     "data": {"dataset": "digits"},

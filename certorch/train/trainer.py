@@ -175,6 +175,8 @@ class Trainer:
             raise CertorchError(f"cannot resume: no complete checkpoint in {self.run_dir / ckpt.CKPT_DIR}")
         self._check_run_dir()
         self.device = resolve_device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         self.objective = build_objective(cfg.method.name, cfg.method.params)
         ddir = data_dir if data_dir is not None else cfg.data.data_dir
         train = load(cfg.data.dataset, "train", data_dir=ddir, subset=cfg.data.subset)
@@ -265,7 +267,7 @@ class Trainer:
             )
             out = self.objective(model, xb, yb, eps, state)
             if not bool(torch.isfinite(out.loss)):
-                raise CertorchError(f"training diverged: loss is {float(out.loss)} at epoch {epoch + 1}, step {i + 1} (try a lower optim.lr)")
+                raise CertorchError(f"training diverged: loss is {float(out.loss.detach())} at epoch {epoch + 1}, step {i + 1} (try a lower optim.lr)")
             opt.zero_grad(set_to_none=True)  # after the objective: attacks must not leak into .grad
             out.loss.backward()
             if cfg.optim.grad_clip is not None:
