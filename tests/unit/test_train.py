@@ -120,3 +120,20 @@ def test_existing_run_dir_is_refused(tmp_path):
     (tmp_path / "old" / "keep.txt").write_text("x")
     with pytest.raises(CertorchError, match="already exists"):
         Trainer(config_from_dict(tiny_cfg()), tmp_path / "old")
+
+
+def test_training_md_python_example_runs(tmp_path, monkeypatch):
+    """The Python example of docs/training.md runs as written (from a copy of the repo layout)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "training.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "digits_demo.yaml").write_text((root / "configs" / "digits_demo.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "training.md", "exec"), scope)
+    assert scope["result"].summary["epochs_done"] == 2
+    assert (tmp_path / "runs" / "py" / "summary.json").is_file()
