@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[test,verify,dist]"
 	# Peer libraries for cross-checks: --no-deps so they never pull another torch.
-	$(PIP) install --no-deps "auto-lirpa==0.3" "convex-adversarial==0.4.4"
+	$(PIP) install --no-deps "auto-lirpa==0.3" "convex-adversarial==0.4.4" "appdirs>=1.4"
 	touch $(STAMP)
 
 install: $(STAMP)

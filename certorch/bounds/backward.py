@@ -64,15 +64,29 @@ def backward_lower(ctx: BoundContext, target: int, A: Tensor, pre_bounds) -> Ten
     return lower + const
 
 
+def prepare_pre_bounds(ctx: BoundContext, target: int, pre_bounds) -> None:
+    """Compute the bounds of every activation input that ``target`` depends on, in topological
+    order, before any coefficient tensor for ``target`` is allocated (keeps peak memory flat)."""
+    graph = ctx.graph
+    for i in graph.ancestors(target):
+        if i != target and graph.nodes[i].is_activation:
+            pre_bounds(graph.nodes[i].inputs[0])
+
+
+def chunk_rows(ctx: BoundContext, target: int, batch: int) -> int:
+    """Spec rows per backward pass so that no coefficient tensor exceeds ``ctx.max_elements``."""
+    widest = max(ctx.graph.nodes[i].numel for i in ctx.graph.ancestors(target))
+    return max(1, ctx.max_elements // (2 * batch * widest))
+
+
 def backward_bounds(ctx: BoundContext, target: int, C: Tensor, pre_bounds) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds of ``C . f_target`` (C: (B, S, *shape)), each (B, S).
 
-    The spec rows are processed in chunks so that no coefficient tensor exceeds
-    ``ctx.max_elements`` elements (memory stays bounded for large intermediate layers).
+    The spec rows are processed in chunks (:func:`chunk_rows`) to bound memory.
     """
     B, S = C.shape[:2]
-    widest = max(ctx.graph.nodes[i].numel for i in ctx.graph.ancestors(target))
-    step = max(1, ctx.max_elements // (2 * B * widest))
+    prepare_pre_bounds(ctx, target, pre_bounds)
+    step = chunk_rows(ctx, target, B)
     lows, ups = [], []
     for s0 in range(0, S, step):
         Cc = C[:, s0 : s0 + step]

@@ -26,7 +26,6 @@ COMMANDS: list[str] = [
     "demo",
     "verify",
     "certify",
-    "certify",
 ]
 
 ENV_DATA = "CERTORCH_DATA"
