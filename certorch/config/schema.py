@@ -82,8 +82,9 @@ class LRScheduleConfig:
     """Learning-rate schedule, a multiplier on ``optim.lr`` evaluated every step.
 
     ``constant``; ``step``: multiply by ``gamma`` at each epoch in ``milestones``;
-    ``cosine``: cosine decay from ``lr`` to ``min_lr`` over the run; ``warmup``: linear
-    warmup then constant. ``warmup_epochs`` (a linear ramp from 0) applies to every kind.
+    ``cosine``: cosine decay from ``lr`` to ``min_lr`` over the run (after ``hold_epochs``
+    at the full ``lr``, if given); ``warmup``: linear warmup then constant.
+    ``warmup_epochs`` (a linear ramp from 0) applies to every kind.
     """
 
     kind: Literal["constant", "step", "cosine", "warmup"] = "constant"
@@ -91,8 +92,10 @@ class LRScheduleConfig:
     milestones: list[float] = field(default_factory=list)
     gamma: float = 0.1
     min_lr: float = 0.0
+    hold_epochs: float = 0.0
 
     def __post_init__(self) -> None:
+        require(self.hold_epochs >= 0, f"lr_schedule.hold_epochs must be >= 0, got {self.hold_epochs}")
         require(self.warmup_epochs >= 0, f"lr_schedule.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         require(self.gamma > 0, f"lr_schedule.gamma must be > 0, got {self.gamma}")
         require(self.min_lr >= 0, f"lr_schedule.min_lr must be >= 0, got {self.min_lr}")

@@ -109,7 +109,7 @@ def lr_factor(cfg: LRScheduleConfig, t: float, total_epochs: float, base_lr: flo
     """Multiplier of the base learning rate at time ``t`` (epochs) of a ``total_epochs`` run.
 
     ``constant``: 1. ``step``: ``gamma ** (number of milestones <= t)``. ``cosine``: from 1
-    to ``min_lr / base_lr`` along a half cosine over the epochs after warmup. ``warmup``:
+    to ``min_lr / base_lr`` along a half cosine over the epochs after warmup and ``hold_epochs``. ``warmup``:
     constant after warmup. Every kind starts with a linear warmup over ``warmup_epochs``
     (factor ``t / warmup_epochs``; the trainer evaluates the LR of a step at the step's end,
     so the first step never has learning rate 0).
@@ -121,7 +121,8 @@ def lr_factor(cfg: LRScheduleConfig, t: float, total_epochs: float, base_lr: flo
         return cfg.gamma ** bisect.bisect_right(list(cfg.milestones), t)
     if cfg.kind == "cosine":
         floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
-        span = max(total_epochs - w, 1e-12)
-        u = min(max((t - w) / span, 0.0), 1.0)
+        h = w + cfg.hold_epochs  # full lr until warmup + hold, then the half cosine
+        span = max(total_epochs - h, 1e-12)
+        u = min(max((t - h) / span, 0.0), 1.0)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * u))
     return 1.0

@@ -18,6 +18,7 @@ from certorch.train.objectives.base import (
 # Objective modules (imported for their registration side effect). One line per method.
 from certorch.train.objectives import natural  # noqa: E402,F401
 from certorch.train.objectives import pgd  # noqa: E402,F401
+from certorch.train.objectives import linf_dist  # noqa: E402,F401
 
 __all__ = [
     "LossOutput",
