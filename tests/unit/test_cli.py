@@ -16,7 +16,7 @@ FAST = ["epochs=1", "data.subset=128", "eval.size=32", "eval.steps=2", "method.p
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", str(ROOT / "configs" / "digits_demo.yaml"), *FAST, "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", str(ROOT / "configs" / "digits_pgd.yaml"), *FAST, "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -40,7 +40,7 @@ def test_train_run_dir_contents(run_dir, capsys):
 def test_report_prints_summary(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "digits_demo" in out and "nat_acc" in out
+    assert "digits_pgd" in out and "nat_acc" in out
 
 
 def test_attack_prints_accuracies(run_dir, capsys):
@@ -70,7 +70,7 @@ def test_info_lists_registries(capsys):
 )
 def test_train_bad_config_errors(tmp_path, capsys, extra, pattern):
     out = tmp_path / "run"
-    line = error_line(capsys, ["train", str(ROOT / "configs" / "digits_demo.yaml"), *extra, "--out", str(out)])
+    line = error_line(capsys, ["train", str(ROOT / "configs" / "digits_pgd.yaml"), *extra, "--out", str(out)])
     assert pattern in line
     assert not out.exists()  # nothing half-written
 
