@@ -26,6 +26,7 @@ COMMANDS: list[str] = [
     "demo",
     "verify",
     "certify",
+    "download",
 ]
 
 ENV_DATA = "CERTORCH_DATA"

@@ -36,10 +36,10 @@ IDX_STEMS = {
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 
 HOW_TO_GET = {
-    "mnist": "download it with certorch.data.download('mnist', DIR) (CLI: --download) or set CERTORCH_DATA=DIR",
+    "mnist": "download it with certorch.data.download('mnist', DIR) (CLI: certorch download NAME --data-dir DIR) or set CERTORCH_DATA=DIR",
     "fashion-mnist": "run `apt-get install dataset-fashion-mnist`, or download it with "
-    "certorch.data.download('fashion-mnist', DIR) (CLI: --download), or set CERTORCH_DATA=DIR",
-    "cifar10": "download it with certorch.data.download('cifar10', DIR) (CLI: --download) or set CERTORCH_DATA=DIR",
+    "certorch.data.download('fashion-mnist', DIR) (CLI: certorch download NAME --data-dir DIR), or set CERTORCH_DATA=DIR",
+    "cifar10": "download it with certorch.data.download('cifar10', DIR) (CLI: certorch download NAME --data-dir DIR) or set CERTORCH_DATA=DIR",
 }
 
 

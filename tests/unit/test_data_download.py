@@ -161,3 +161,21 @@ def test_real_sources_have_published_md5s():
     assert fetch.SOURCES["cifar10"].md5 == {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
     assert fetch.SOURCES["mnist"].md5["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
     assert fetch.SOURCES["fashion-mnist"].md5["t10k-labels-idx1-ubyte.gz"] == "bb300cfdad3c16e7a12a480ee83cd310"
+
+
+def test_cli_download_fetches_and_verifies(mirror, tmp_path, capsys):
+    from certorch.cli.main import main
+
+    target = tmp_path / "cli-data"
+    target.mkdir()
+    assert main(["download", "mnist", "--data-dir", str(target)]) == 0
+    assert "files verified" in capsys.readouterr().out
+    assert len(load("mnist", "test", data_dir=target)) == 3
+
+
+def test_cli_download_of_digits_is_a_one_line_error(capsys):
+    from certorch.cli.main import main
+
+    assert main(["download", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nothing to download" in err and "\n" not in err
