@@ -152,7 +152,7 @@ def _tiny_cfg(method: str, model: str, epochs: int = 1, **extra):
         "optim": {"name": "adam", "lr": 0.02, "betas": [0.9, 0.99], "weight_decay": 0.005},
         "lr_schedule": {"kind": "cosine", "hold_epochs": 0},
         "eps": {"value": 0.05, "schedule": "constant"},
-        "method": {"name": method, "params": {"p_hold_epochs": 0.25, "p_ramp_epochs": 0.5, **extra}},
+        "method": {"name": method, "params": {"p_hold_epochs": 0.25, "p_ramp_epochs": 0.25, **extra}},
         "eval": {"eps": 0.05, "size": 200, "batch_size": 200, "steps": 2},
     })
 
