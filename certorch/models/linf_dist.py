@@ -198,6 +198,15 @@ def linf_dist_net_mlp(
     return LInfDistNetMLP(input_shape, num_classes, depth or _paper_depth(input_shape) - 1, width, hidden, **kwargs)
 
 
+# The public name of the Net+MLP model; ``linf_dist_net_mlp`` above is kept as an alias.
+register_model(
+    "linf_dist_mlp",
+    datasets=_DATASETS,
+    description="L_inf-dist Net+MLP (alias linf_dist_net_mlp): L_inf-dist backbone + FC512 tanh + FC",
+    paper=_PAPER,
+)(linf_dist_net_mlp)
+
+
 @register_model(
     "linf_dist_conv_mlp",
     datasets=("cifar10", "mnist", "fashion-mnist"),
