@@ -11,7 +11,7 @@ from certorch.bounds.methods import check_slope, get_method, run_method
 from certorch.domains.box import Box
 from certorch.errors import CertorchError
 from certorch.graph.capture import capture
-from certorch.spec import check_finite, linf_ball, margin_matrix
+from certorch.spec import check_eps, check_finite, linf_ball, margin_matrix
 
 
 @dataclass
@@ -156,7 +156,17 @@ def certified(
     hi: float | Tensor = 1.0,
     **kwargs,
 ) -> Tensor:
-    """Bool (B,): the clean prediction is ``y`` and every margin lower bound is > 0."""
+    """Bool (B,): the clean prediction is ``y`` and every margin lower bound is > 0.
+
+    Models with L_inf-dist layers are certified by their own rule (the margin certificate of
+    the 1-Lipschitz net, or IBP on the MLP head over the feature box), whatever ``method``.
+    """
+    from certorch.nn.linf_dist_cert import certify as linf_certify
+    from certorch.nn.linf_dist_cert import is_linf_dist_model
+
+    if is_linf_dist_model(model):
+        check_eps(eps)
+        return linf_certify(model, x, y, eps)
     if kwargs.get("projections") is not None:
         raise CertorchError("projections give estimates, not sound bounds: they cannot certify")
     with torch.no_grad():

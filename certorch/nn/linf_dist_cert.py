@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from certorch.errors import CertorchError
-from certorch.nn.linf_dist import Negate, check_lipschitz_backbone, split_backbone_head
+from certorch.nn.linf_dist import Negate, _LInfDistBase, check_lipschitz_backbone, split_backbone_head
 from certorch.nn.normalize import Normalize
 from certorch.spec import check_eps, margin_matrix, margins
 
@@ -171,3 +171,8 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tens
     if _is_lipschitz_head(head):
         return margin_certificate(model, x, y, eps)
     return head_ibp_certificate(model, x, y, eps)
+
+
+def is_linf_dist_model(model: nn.Module) -> bool:
+    """True when ``model`` contains L_inf-dist layers (then :func:`certify` is its certificate)."""
+    return any(isinstance(m, _LInfDistBase) for m in model.modules())

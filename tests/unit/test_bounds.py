@@ -221,3 +221,16 @@ def test_projections_cannot_certify(small):
     model, x, y = small
     with pytest.raises(CertorchError, match="projections"):
         ct.certified(model, x, y, 0.1, method="dual", projections=10)
+
+
+def test_certified_uses_the_margin_certificate_for_linf_dist_nets():
+    from certorch.nn.linf_dist import set_p
+    from certorch.nn.linf_dist_cert import certify
+
+    torch.manual_seed(0)
+    net = build("linf_dist_net", dataset="digits", width=16, depth=2).eval()
+    set_p(net, float("inf"))
+    x = torch.rand(6, 1, 8, 8)
+    y = net(x).argmax(1)
+    assert torch.equal(ct.certified(net, x, y, 0.001), certify(net, x, y, 0.001))
+    assert ct.certified(net, x, y, 0.0).all()
