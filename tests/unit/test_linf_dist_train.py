@@ -118,7 +118,7 @@ def test_regularizer_is_lp_decay_at_current_p() -> None:
     set_p(net, math.inf)
     w = [m.weight for m in linf_dist_layers(net)]
     want = 0.01 * sum(0.5 * (wi.reshape(wi.shape[0], -1).abs().amax(1) ** 2).sum() for wi in w)
-    assert float(obj.regularizer(net, _state(0.0, obj)).detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(obj.regularizer(net, _state(0.0, obj)).detach()) == pytest.approx(float(want.detach()), rel=1e-5)
 
 
 def test_ibp_head_loss_matches_bounds_and_is_sound() -> None:
