@@ -140,7 +140,7 @@ def test_ibp_head_loss_matches_bounds_and_is_sound() -> None:
         m = z.gather(1, y[:, None]) - z
         m = torch.stack([torch.cat([m[i, :y[i]], m[i, y[i] + 1:]]) for i in range(len(y))])
         assert bool((m >= lb - 1e-9).all())
-    assert float(loss) > 0
+    assert float(loss.detach()) > 0
 
 
 def _tiny_cfg(method: str, model: str, epochs: int = 1, **extra):
