@@ -67,6 +67,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8  # Adam's denominator epsilon (the L_inf-dist paper uses 1e-10)
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class OptimConfig:
         require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         require(all(0 <= b < 1 for b in self.betas), f"optim.betas must lie in [0, 1), got {list(self.betas)}")
+        require(self.adam_eps > 0, f"optim.adam_eps must be > 0, got {self.adam_eps}")
         require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0, got {self.grad_clip}")
 
 

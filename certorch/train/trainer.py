@@ -88,7 +88,7 @@ def build_optimizer(cfg: TrainConfig, objective: Objective, model: nn.Module) ->
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
 
 
 @torch.no_grad()
