@@ -8,8 +8,11 @@ Upper bounds are lower bounds of ``-A``; both are computed in one pass by stacki
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from certorch.bounds.context import BoundContext
 from certorch.errors import UnsupportedOperationError
@@ -41,7 +44,7 @@ def backward_lower(ctx: BoundContext, target: int, A: Tensor, pre_bounds) -> Ten
             m = ctx.affine_map(i)
             off = m.offset()
             if off is not None:
-                const = const + (Ai * off).flatten(2).sum(-1)
+                const = const + offset_dot(Ai, off)
             back = m.transpose(Ai.reshape(B * S, *Ai.shape[2:]))
             for j, Aj in zip(node.inputs, back):
                 Aj = Aj.reshape(B, S, *Aj.shape[1:])
@@ -73,10 +76,56 @@ def prepare_pre_bounds(ctx: BoundContext, target: int, pre_bounds) -> None:
             pre_bounds(graph.nodes[i].inputs[0])
 
 
+def offset_dot(A: Tensor, off: Tensor) -> Tensor:
+    """``sum_i A[b, s, i] * off[i]`` with A: (B, S, *shape) and ``off`` broadcastable to shape.
+
+    Dims where ``off`` broadcasts are summed out of A first, so e.g. a conv bias (C, 1, 1)
+    costs one read of A and no temporary of A's size. Returns (B, S).
+    """
+    shape = A.shape[2:]
+    off = off.reshape((1,) * (len(shape) - off.dim()) + tuple(off.shape))
+    dims = [2 + d for d, (o, n) in enumerate(zip(off.shape, shape)) if o == 1 and n != 1]
+    if dims:
+        A = A.sum(dims, keepdim=True)
+    return A.flatten(2) @ off.expand(A.shape[2:]).reshape(-1)
+
+
 def chunk_rows(ctx: BoundContext, target: int, batch: int) -> int:
     """Spec rows per backward pass so that no coefficient tensor exceeds ``ctx.max_elements``."""
     widest = max(ctx.graph.nodes[i].numel for i in ctx.graph.ancestors(target))
     return max(1, ctx.max_elements // (2 * batch * widest))
+
+
+def chunked_bounds(
+    ctx: BoundContext, target: int, rows: Callable[[int, int], Tensor], S: int, pre_bounds
+) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds (B, S) of ``C . f_target`` where ``rows(s0, s1)`` builds the spec
+    rows ``C[:, s0:s1]`` (B, s1 - s0, *shape) on demand, one chunk (:func:`chunk_rows`) at a time.
+
+    With autograd recording and more than one chunk, each chunk runs under activation
+    checkpointing: its coefficient tensors are freed after the chunk and recomputed during
+    ``backward()``, so peak memory follows ``ctx.max_elements`` instead of growing with the
+    number of chunks (same values and gradients, one extra backward pass of compute).
+    """
+    B = ctx.batch
+    prepare_pre_bounds(ctx, target, pre_bounds)
+    step = chunk_rows(ctx, target, B)
+    recompute = torch.is_grad_enabled() and S > step
+
+    def chunk(s0: int, s1: int) -> Tensor:
+        """Lower bounds (B, 2k) for rows s0..s1 and their negations (k = s1 - s0)."""
+        Cc = rows(s0, s1)
+        return backward_lower(ctx, target, torch.cat([Cc, -Cc], dim=1), pre_bounds)
+
+    lows, ups = [], []
+    for s0 in range(0, S, step):
+        s1 = min(S, s0 + step)
+        k = s1 - s0
+        # Under checkpointing only (s0, s1) are saved: the spec chunk is rebuilt in backward().
+        res = checkpoint(chunk, s0, s1, use_reentrant=False) if recompute else chunk(s0, s1)
+        lows.append(res[:, :k])
+        ups.append(-res[:, k:])
+    return torch.cat(lows, 1), torch.cat(ups, 1)
 
 
 def backward_bounds(ctx: BoundContext, target: int, C: Tensor, pre_bounds) -> tuple[Tensor, Tensor]:
@@ -84,14 +133,4 @@ def backward_bounds(ctx: BoundContext, target: int, C: Tensor, pre_bounds) -> tu
 
     The spec rows are processed in chunks (:func:`chunk_rows`) to bound memory.
     """
-    B, S = C.shape[:2]
-    prepare_pre_bounds(ctx, target, pre_bounds)
-    step = chunk_rows(ctx, target, B)
-    lows, ups = [], []
-    for s0 in range(0, S, step):
-        Cc = C[:, s0 : s0 + step]
-        res = backward_lower(ctx, target, torch.cat([Cc, -Cc], dim=1), pre_bounds)
-        k = Cc.shape[1]
-        lows.append(res[:, :k])
-        ups.append(-res[:, k:])
-    return torch.cat(lows, 1), torch.cat(ups, 1)
+    return chunked_bounds(ctx, target, lambda s0, s1: C[:, s0:s1], C.shape[1], pre_bounds)

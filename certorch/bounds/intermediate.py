@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from certorch.bounds.backward import backward_lower, chunk_rows, prepare_pre_bounds
+from certorch.bounds.backward import chunked_bounds
 from certorch.bounds.context import BoundContext
 from certorch.bounds.forward import symbolic_region, zonotope_region
 from certorch.bounds.ibp import ibp_box
@@ -57,21 +58,17 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
         return ibp
     B, n = lo.shape
     shape = ibp.lower.shape[1:]
-    get = lambda i: pre_bounds(ctx, i)  # noqa: E731
-    prepare_pre_bounds(ctx, idx, get)
-    step = chunk_rows(ctx, idx, B)
-    lows, ups = [], []
-    for s0 in range(0, idx_unstable.numel(), step):
-        rows = idx_unstable[s0 : s0 + step]
-        k = rows.numel()
+
+    def rows(s0: int, s1: int) -> Tensor:
+        """One-hot spec rows for unstable neurons s0..s1: (B, s1 - s0, *shape), a broadcast view."""
+        k = s1 - s0
         C = torch.zeros(k, n, dtype=lo.dtype, device=lo.device)
-        C[torch.arange(k, device=lo.device), rows] = 1.0
-        C = C.view(1, k, *shape).expand(B, k, *shape)
-        res = backward_lower(ctx, idx, torch.cat([C, -C], dim=1), get)
-        lows.append(res[:, :k])
-        ups.append(-res[:, k:])
-    l_c = torch.maximum(torch.cat(lows, 1), lo[:, idx_unstable])
-    u_c = torch.minimum(torch.cat(ups, 1), up[:, idx_unstable])
+        C[torch.arange(k, device=lo.device), idx_unstable[s0:s1]] = 1.0
+        return C.view(1, k, *shape).expand(B, k, *shape)
+
+    low_c, up_c = chunked_bounds(ctx, idx, rows, idx_unstable.numel(), lambda i: pre_bounds(ctx, i))
+    l_c = torch.maximum(low_c, lo[:, idx_unstable])
+    u_c = torch.minimum(up_c, up[:, idx_unstable])
     lower = lo.index_copy(1, idx_unstable, l_c).view(B, *shape)
     upper = up.index_copy(1, idx_unstable, u_c).view(B, *shape)
     return Box(lower, upper)

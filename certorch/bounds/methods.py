@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from certorch.bounds.backward import backward_bounds
+from certorch.bounds.backward import backward_bounds, offset_dot
 from certorch.bounds.context import BoundContext
 from certorch.bounds.forward import symbolic_region, zonotope_region
 from certorch.bounds.ibp import ibp_box
@@ -99,7 +99,7 @@ def merge_spec(ctx: BoundContext, C: Tensor) -> tuple[int, Tensor, Tensor]:
         m = ctx.affine_map(i)
         off = m.offset()
         if off is not None:
-            bias = bias + (A * off).flatten(2).sum(-1)
+            bias = bias + offset_dot(A, off)
         (A_j,) = m.transpose(A.reshape(B * S, *A.shape[2:]))
         A = A_j.reshape(B, S, *A_j.shape[1:])
         i = j

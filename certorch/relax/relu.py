@@ -78,9 +78,11 @@ def backward(A: Tensor, l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[T
     ``l``, ``u``: (B, *shape). Returns (coefficients of z (B, S, *shape), constant (B, S)).
     Positive coefficients take the lower line, negative ones the upper line.
     """
-    s_low = lower_slope(l, u, mode).unsqueeze(1)
+    s_low = lower_slope(l, u, mode)
     s_up, b_up = upper_line(l, u)
-    A_pos, A_neg = A.clamp(min=0), A.clamp(max=0)
-    A_new = A_pos * s_low + A_neg * s_up.unsqueeze(1)
-    const = (A_neg * b_up.unsqueeze(1)).flatten(2).sum(-1)
-    return A_new, const
+    # A+ s_low + A- s_up == A s_low + A- (s_up - s_low): one clamp and one fused multiply-add
+    # (s_up == s_low on stable neurons, so only unstable ones see the second term).
+    A_neg = A.clamp(max=0)
+    A_new = torch.addcmul(A * s_low.unsqueeze(1), A_neg, (s_up - s_low).unsqueeze(1))
+    const = A_neg.flatten(2) @ b_up.flatten(1).unsqueeze(2)
+    return A_new, const.squeeze(2)
