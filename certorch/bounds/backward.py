@@ -21,15 +21,19 @@ from certorch.errors import UnsupportedOperationError
 def backward_lower(ctx: BoundContext, target: int, A: Tensor, pre_bounds) -> Tensor:
     """Lower bound of ``A . f_target`` with A: (B, S, *shape_target). Returns (B, S).
 
+    A may have a leading dim of 1 instead of B when the spec is the same for every example
+    (CROWN's one-hot intermediate specs): it then stays un-batched through the affine maps
+    until the first activation's per-example relaxation broadcasts it to B, which saves a
+    factor B of work on the layers next to the target.
     ``pre_bounds(i) -> Box`` gives the bounds of node i (the input of an activation).
     """
     graph = ctx.graph
     nodes = graph.ancestors(target)
     # Pre-activation bounds first, in topological order (they may themselves run backward passes).
     acts = {i: pre_bounds(graph.nodes[i].inputs[0]) for i in nodes if graph.nodes[i].is_activation}
-    B, S = A.shape[:2]
+    S = A.shape[1]
     coeffs: dict[int, Tensor] = {target: A}
-    const = torch.zeros(B, S, dtype=A.dtype, device=A.device)
+    const = torch.zeros(ctx.batch, S, dtype=A.dtype, device=A.device)
     lower = None
     for i in reversed(nodes):
         Ai = coeffs.pop(i, None)
@@ -37,17 +41,18 @@ def backward_lower(ctx: BoundContext, target: int, A: Tensor, pre_bounds) -> Ten
             continue
         node = graph.nodes[i]
         if node.is_input:
-            c, r = ctx.box.center.flatten(1), ctx.box.radius.flatten(1)
-            Af = Ai.flatten(2)
-            lower = torch.einsum("bsi,bi->bs", Af, c) - torch.einsum("bsi,bi->bs", Af.abs(), r)
+            c, r = ctx.box.center.flatten(1).unsqueeze(2), ctx.box.radius.flatten(1).unsqueeze(2)
+            Af = Ai.flatten(2)  # (1 or B, S, n): matmul broadcasts the leading dim
+            lower = (Af @ c - Af.abs() @ r).squeeze(2)
         elif node.is_affine:
             m = ctx.affine_map(i)
             off = m.offset()
             if off is not None:
                 const = const + offset_dot(Ai, off)
-            back = m.transpose(Ai.reshape(B * S, *Ai.shape[2:]))
+            lead = Ai.shape[0]
+            back = m.transpose(Ai.reshape(lead * S, *Ai.shape[2:]))
             for j, Aj in zip(node.inputs, back):
-                Aj = Aj.reshape(B, S, *Aj.shape[1:])
+                Aj = Aj.reshape(lead, S, *Aj.shape[1:])
                 coeffs[j] = coeffs[j] + Aj if j in coeffs else Aj
         elif node.is_activation:
             relax = node.op.relaxation

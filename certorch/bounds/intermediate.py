@@ -60,11 +60,11 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
     shape = ibp.lower.shape[1:]
 
     def rows(s0: int, s1: int) -> Tensor:
-        """One-hot spec rows for unstable neurons s0..s1: (B, s1 - s0, *shape), a broadcast view."""
+        """One-hot spec rows for unstable neurons s0..s1: (1, s1 - s0, *shape), shared by the batch."""
         k = s1 - s0
         C = torch.zeros(k, n, dtype=lo.dtype, device=lo.device)
         C[torch.arange(k, device=lo.device), idx_unstable[s0:s1]] = 1.0
-        return C.view(1, k, *shape).expand(B, k, *shape)
+        return C.view(1, k, *shape)
 
     low_c, up_c = chunked_bounds(ctx, idx, rows, idx_unstable.numel(), lambda i: pre_bounds(ctx, i))
     l_c = torch.maximum(low_c, lo[:, idx_unstable])
