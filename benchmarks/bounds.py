@@ -92,7 +92,7 @@ def _runner(cfg: dict, model, x, y, eps, C):
         import certorch as ct
 
         proj = cfg.get("projections")
-        return lambda n=None: -ct.bound(model, x[:n], eps, method=method, y=y[:n], projections=proj).lower.mean()
+        return lambda n=None: -ct.bound(model, x[:n], eps, method=method, y=y[:n], projections=proj, upper=False).lower.mean()
     if lib == "auto_lirpa":
         sys.path.insert(0, str(ROOT))
         from tests.reference.peers import auto_lirpa

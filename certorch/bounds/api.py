@@ -24,7 +24,7 @@ class BoundResult:
     """
 
     lower: Tensor
-    upper: Tensor
+    upper: Tensor | None  # None when bound() was called with upper=False (backward methods)
     method: str
     intermediate: dict[str, Box] = field(default_factory=dict)
     regions: dict[str, object] = field(default_factory=dict)
@@ -76,6 +76,7 @@ def bound(
     return_intermediate: bool = False,
     generator: torch.Generator | None = None,
     max_elements: int = 2**27,
+    upper: bool = True,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
@@ -92,6 +93,8 @@ def bound(
             training estimates; NOT sound bounds. ``None``: exact.
         dtype: compute in this dtype (e.g. torch.float64 for certification) without
             modifying the model.
+        upper: ``False`` when only lower bounds are needed (training losses, certification):
+            backward methods then skip the upper bound (``result.upper`` is None).
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
@@ -136,8 +139,8 @@ def bound(
         max_elements=max_elements,
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
-    lower, upper = run_method(m, ctx, spec)
-    result = BoundResult(lower, upper, m.name)
+    lower, up = run_method(m, ctx, spec, upper)
+    result = BoundResult(lower, up, m.name)
     if return_intermediate:
         names = {n.index: n.name for n in graph.nodes}
         boxes = {**ctx.ibp_boxes, **ctx.boxes}
@@ -170,7 +173,7 @@ def certified(
     if kwargs.get("projections") is not None:
         raise CertorchError("projections give estimates, not sound bounds: they cannot certify")
     with torch.no_grad():
-        res = bound(model, x, eps, method=method, y=y, lo=lo, hi=hi, **kwargs)
+        res = bound(model, x, eps, method=method, y=y, lo=lo, hi=hi, upper=False, **kwargs)
         param = next(model.parameters(), None)
         xx = x.to(param.dtype) if param is not None else x
         clean = model(xx).argmax(dim=1) == y.to(x.device)

@@ -102,10 +102,11 @@ def chunk_rows(ctx: BoundContext, target: int, batch: int) -> int:
 
 
 def chunked_bounds(
-    ctx: BoundContext, target: int, rows: Callable[[int, int], Tensor], S: int, pre_bounds
-) -> tuple[Tensor, Tensor]:
+    ctx: BoundContext, target: int, rows: Callable[[int, int], Tensor], S: int, pre_bounds, upper: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Lower and upper bounds (B, S) of ``C . f_target`` where ``rows(s0, s1)`` builds the spec
     rows ``C[:, s0:s1]`` (B, s1 - s0, *shape) on demand, one chunk (:func:`chunk_rows`) at a time.
+    ``upper=False`` skips the upper bounds (returned as None): half the work.
 
     With autograd recording and more than one chunk, each chunk runs under activation
     checkpointing: its coefficient tensors are freed after the chunk and recomputed during
@@ -118,9 +119,9 @@ def chunked_bounds(
     recompute = torch.is_grad_enabled() and S > step
 
     def chunk(s0: int, s1: int) -> Tensor:
-        """Lower bounds (B, 2k) for rows s0..s1 and their negations (k = s1 - s0)."""
+        """Lower bounds (B, 2k) for rows s0..s1 and their negations (k = s1 - s0), or (B, k)."""
         Cc = rows(s0, s1)
-        return backward_lower(ctx, target, torch.cat([Cc, -Cc], dim=1), pre_bounds)
+        return backward_lower(ctx, target, torch.cat([Cc, -Cc], dim=1) if upper else Cc, pre_bounds)
 
     lows, ups = [], []
     for s0 in range(0, S, step):
@@ -130,12 +131,13 @@ def chunked_bounds(
         res = checkpoint(chunk, s0, s1, use_reentrant=False) if recompute else chunk(s0, s1)
         lows.append(res[:, :k])
         ups.append(-res[:, k:])
-    return torch.cat(lows, 1), torch.cat(ups, 1)
+    return torch.cat(lows, 1), (torch.cat(ups, 1) if upper else None)
 
 
-def backward_bounds(ctx: BoundContext, target: int, C: Tensor, pre_bounds) -> tuple[Tensor, Tensor]:
-    """Lower and upper bounds of ``C . f_target`` (C: (B, S, *shape)), each (B, S).
-
-    The spec rows are processed in chunks (:func:`chunk_rows`) to bound memory.
+def backward_bounds(
+    ctx: BoundContext, target: int, C: Tensor, pre_bounds, upper: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Lower and upper bounds of ``C . f_target`` (C: (B, S, *shape)), each (B, S); the upper
+    bound is None with ``upper=False``. The spec rows are processed in chunks (:func:`chunk_rows`).
     """
-    return chunked_bounds(ctx, target, lambda s0, s1: C[:, s0:s1], C.shape[1], pre_bounds)
+    return chunked_bounds(ctx, target, lambda s0, s1: C[:, s0:s1], C.shape[1], pre_bounds, upper)

@@ -106,10 +106,14 @@ def merge_spec(ctx: BoundContext, C: Tensor) -> tuple[int, Tensor, Tensor]:
     return i, A, bias
 
 
-def run_method(method: BoundMethod, ctx: BoundContext, C: Tensor) -> tuple[Tensor, Tensor]:
-    """Lower/upper bounds (B, S) of ``C . f(x)`` over the context's input box."""
+def run_method(method: BoundMethod, ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Lower/upper bounds (B, S) of ``C . f(x)`` over the context's input box.
+
+    ``upper=False`` lets backward methods skip the upper bound (None), halving their last pass;
+    forward methods get both at no extra cost and return both.
+    """
     if method.final == "backward":
-        return backward_bounds(ctx, ctx.graph.output, C, lambda i: pre_bounds(ctx, i))
+        return backward_bounds(ctx, ctx.graph.output, C, lambda i: pre_bounds(ctx, i), upper)
     node, A, bias = merge_spec(ctx, C)
     if method.final == "ibp":
         box = ibp_box(ctx, node)

@@ -234,3 +234,11 @@ def test_certified_uses_the_margin_certificate_for_linf_dist_nets():
     y = net(x).argmax(1)
     assert torch.equal(ct.certified(net, x, y, 0.001), certify(net, x, y, 0.001))
     assert ct.certified(net, x, y, 0.0).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lower_only_bounds_equal_the_full_call(method, small):
+    model, x, y = small
+    full = ct.bound(model, x, 0.01, method=method, y=y)
+    low = ct.bound(model, x, 0.01, method=method, y=y, upper=False)
+    assert torch.allclose(low.lower, full.lower, atol=1e-12)

@@ -52,9 +52,9 @@ class CertifiedTraining(Objective):
 
     def margin_lower(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float) -> Tensor:
         p = self.params
-        lower = bounds.bound(model, x, eps, method=p.bound, y=y, projections=p.projections).lower
+        lower = bounds.bound(model, x, eps, method=p.bound, y=y, projections=p.projections, upper=False).lower
         if p.bound == "crown-ibp" and beta < 1:
-            ibp = bounds.bound(model, x, eps, method="ibp", y=y).lower
+            ibp = bounds.bound(model, x, eps, method="ibp", y=y, upper=False).lower
             lower = beta * lower + (1 - beta) * ibp if beta > 0 else ibp
         return lower
 
