@@ -11,12 +11,7 @@ from certorch.domains.box import Box
 from certorch.errors import CertorchError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,12 +12,7 @@ from certorch.errors import CertorchError
 from certorch.graph import capture
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -19,12 +19,7 @@ pytest.importorskip("highspy")
 ANSWERS: dict[int, set] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed: int, sizes=(3, 8, 8, 3)) -> nn.Sequential:
