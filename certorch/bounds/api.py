@@ -77,6 +77,7 @@ def bound(
     generator: torch.Generator | None = None,
     max_elements: int = 2**27,
     upper: bool = True,
+    patches: bool = True,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
@@ -95,6 +96,9 @@ def bound(
             modifying the model.
         upper: ``False`` when only lower bounds are needed (training losses, certification):
             backward methods then skip the upper bound (``result.upper`` is None).
+        patches: backward passes that start at a conv map (CROWN intermediate bounds) keep
+            their coefficients as windows over the receptive field (much faster on conv nets);
+            ``False`` uses dense coefficients (same bounds; for comparison).
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
@@ -137,6 +141,7 @@ def bound(
         projections=projections,
         generator=generator,
         max_elements=max_elements,
+        patches=patches,
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
     lower, up = run_method(m, ctx, spec, upper)

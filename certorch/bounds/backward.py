@@ -15,61 +15,95 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from certorch.bounds.context import BoundContext
+from certorch.bounds.patches import Patches, add_coefficients
 from certorch.errors import UnsupportedOperationError
 
+Coefficients = Tensor | Patches
 
-def backward_lower(ctx: BoundContext, target: int, A: Tensor, pre_bounds) -> Tensor:
+
+def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds) -> Tensor:
     """Lower bound of ``A . f_target`` with A: (B, S, *shape_target). Returns (B, S).
 
     A may have a leading dim of 1 instead of B when the spec is the same for every example
     (CROWN's one-hot intermediate specs): it then stays un-batched through the affine maps
     until the first activation's per-example relaxation broadcasts it to B, which saves a
-    factor B of work on the layers next to the target.
+    factor B of work on the layers next to the target. A may also be :class:`Patches` (rows
+    that are windows of a conv map); they stay windows as long as the ops allow.
     ``pre_bounds(i) -> Box`` gives the bounds of node i (the input of an activation).
     """
     graph = ctx.graph
     nodes = graph.ancestors(target)
     # Pre-activation bounds first, in topological order (they may themselves run backward passes).
     acts = {i: pre_bounds(graph.nodes[i].inputs[0]) for i in nodes if graph.nodes[i].is_activation}
-    S = A.shape[1]
-    coeffs: dict[int, Tensor] = {target: A}
-    const = torch.zeros(ctx.batch, S, dtype=A.dtype, device=A.device)
+    S = A.rows if isinstance(A, Patches) else A.shape[1]
+    coeffs: dict[int, Coefficients] = {target: A}
+    const = torch.zeros(ctx.batch, S, dtype=ctx.dtype, device=ctx.box.lower.device)
     lower = None
+
+    def push(j: int, Aj: Coefficients) -> None:
+        coeffs[j] = add_coefficients(coeffs[j], Aj) if j in coeffs else Aj
+
     for i in reversed(nodes):
         Ai = coeffs.pop(i, None)
         if Ai is None:
             continue
         node = graph.nodes[i]
         if node.is_input:
-            c, r = ctx.box.center.flatten(1).unsqueeze(2), ctx.box.radius.flatten(1).unsqueeze(2)
-            Af = Ai.flatten(2)  # (1 or B, S, n): matmul broadcasts the leading dim
-            lower = (Af @ c - Af.abs() @ r).squeeze(2)
+            lower = input_lower(ctx, Ai)
         elif node.is_affine:
             m = ctx.affine_map(i)
+            back = Ai.transpose(m) if isinstance(Ai, Patches) else None
+            if back is None and isinstance(Ai, Patches):
+                Ai = Ai.to_dense()
             off = m.offset()
             if off is not None:
-                const = const + offset_dot(Ai, off)
-            lead = Ai.shape[0]
-            back = m.transpose(Ai.reshape(lead * S, *Ai.shape[2:]))
+                const = const + (Ai.offset_dot(off) if isinstance(Ai, Patches) else offset_dot(Ai, off))
+            if back is None:
+                back = dense_transpose(m, Ai)
             for j, Aj in zip(node.inputs, back):
-                Aj = Aj.reshape(lead, S, *Aj.shape[1:])
-                coeffs[j] = coeffs[j] + Aj if j in coeffs else Aj
+                if isinstance(Aj, Patches) and Aj.too_wide():
+                    Aj = Aj.to_dense()
+                push(j, Aj)
         elif node.is_activation:
             relax = node.op.relaxation
-            if getattr(relax, "backward", None) is None:
+            if getattr(relax, "backward_lines", None) is None:
                 raise UnsupportedOperationError(
                     f"backward bound methods do not support {node.op.kind!r} (node {node.name!r}); use method='ibp'"
                 )
             box = acts[i]
-            A_in, c_add = relax.backward(Ai, box.lower, box.upper, ctx.slope)
+            lines = relax.backward_lines(box.lower, box.upper, ctx.slope)
+            if isinstance(Ai, Patches):
+                B = box.lower.shape[0]
+                g = Ai.gather(torch.cat(lines, 0)).flatten(3)  # one gather for the three lines: (3B, U, 1, D)
+                P_in, c_add = relax.apply_lines(Ai.P.flatten(3), g[:B], g[B : 2 * B], g[2 * B :])
+                A_in = Ai.with_P(P_in.view(P_in.shape[:3] + Ai.P.shape[3:]), clean=True)  # lines are 0 in the padding
+                c_add = Ai.flat_rows(c_add)
+            else:
+                A_in, c_add = relax.apply_lines(Ai.flatten(2), *(t.flatten(1).unsqueeze(1) for t in lines))
+                A_in = A_in.view(A_in.shape[:2] + Ai.shape[2:])
             const = const + c_add
-            j = node.inputs[0]
-            coeffs[j] = coeffs[j] + A_in if j in coeffs else A_in
+            push(node.inputs[0], A_in)
         else:
             raise UnsupportedOperationError(f"node {node.name!r} ({node.op.kind}) is not supported by backward bounds")
     if lower is None:  # the target does not depend on the input
         lower = torch.zeros_like(const)
     return lower + const
+
+
+def input_lower(ctx: BoundContext, A: Coefficients) -> Tensor:
+    """Minimum of ``A . x`` over the input box: (B, S)."""
+    if isinstance(A, Patches):
+        return A.concretize(ctx.box.center, ctx.box.radius)
+    c, r = ctx.box.center.flatten(1).unsqueeze(2), ctx.box.radius.flatten(1).unsqueeze(2)
+    Af = A.flatten(2)  # (1 or B, S, n): matmul broadcasts the leading dim
+    return (Af @ c - Af.abs() @ r).squeeze(2)
+
+
+def dense_transpose(m, A: Tensor) -> list[Tensor]:
+    """Dense coefficients (L, S, *out_shape) pushed through the affine map's adjoint."""
+    lead, S = A.shape[:2]
+    back = m.transpose(A.reshape(lead * S, *A.shape[2:]))
+    return [Aj.reshape(lead, S, *Aj.shape[1:]) for Aj in back]
 
 
 def prepare_pre_bounds(ctx: BoundContext, target: int, pre_bounds) -> None:
@@ -79,6 +113,21 @@ def prepare_pre_bounds(ctx: BoundContext, target: int, pre_bounds) -> None:
     for i in graph.ancestors(target):
         if i != target and graph.nodes[i].is_activation:
             pre_bounds(graph.nodes[i].inputs[0])
+
+
+def with_negation(C: Coefficients) -> Coefficients:
+    """Rows C and rows -C (lower bounds of both give lower and upper bounds); see :func:`split_negation`."""
+    if isinstance(C, Patches):
+        return C.stacked_with_negation()
+    return torch.cat([C, -C], dim=1)
+
+
+def split_negation(C: Coefficients, res: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower bounds (B, 2S) of :func:`with_negation` rows -> (bounds of C's rows, of -C's rows)."""
+    if isinstance(C, Patches):
+        return Patches.split_negation(res, C.groups)
+    S = C.shape[1]
+    return res[:, :S], res[:, S:]
 
 
 def offset_dot(A: Tensor, off: Tensor) -> Tensor:
@@ -96,16 +145,23 @@ def offset_dot(A: Tensor, off: Tensor) -> Tensor:
 
 
 def chunk_rows(ctx: BoundContext, target: int, batch: int) -> int:
-    """Spec rows per backward pass so that no coefficient tensor exceeds ``ctx.max_elements``."""
+    """Spec rows per backward pass so that no dense coefficient tensor exceeds ``ctx.max_elements``."""
     widest = max(ctx.graph.nodes[i].numel for i in ctx.graph.ancestors(target))
     return max(1, ctx.max_elements // (2 * batch * widest))
 
 
 def chunked_bounds(
-    ctx: BoundContext, target: int, rows: Callable[[int, int], Tensor], S: int, pre_bounds, upper: bool = True
+    ctx: BoundContext,
+    target: int,
+    rows: Callable[[int, int], Coefficients],
+    units: int,
+    pre_bounds,
+    upper: bool = True,
+    unit_rows: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """Lower and upper bounds (B, S) of ``C . f_target`` where ``rows(s0, s1)`` builds the spec
-    rows ``C[:, s0:s1]`` (B, s1 - s0, *shape) on demand, one chunk (:func:`chunk_rows`) at a time.
+    """Lower and upper bounds (B, units * unit_rows) of ``C . f_target`` where ``rows(s0, s1)``
+    builds the spec rows of units s0..s1 (``unit_rows`` rows each: (L, (s1 - s0) * unit_rows,
+    *shape) or :class:`Patches`) on demand, a chunk (:func:`chunk_rows`) at a time.
     ``upper=False`` skips the upper bounds (returned as None): half the work.
 
     With autograd recording and more than one chunk, each chunk runs under activation
@@ -115,22 +171,23 @@ def chunked_bounds(
     """
     B = ctx.batch
     prepare_pre_bounds(ctx, target, pre_bounds)
-    step = chunk_rows(ctx, target, B)
-    recompute = torch.is_grad_enabled() and S > step
+    step = max(1, chunk_rows(ctx, target, B) // unit_rows)
+    recompute = torch.is_grad_enabled() and units > step
 
-    def chunk(s0: int, s1: int) -> Tensor:
-        """Lower bounds (B, 2k) for rows s0..s1 and their negations (k = s1 - s0), or (B, k)."""
+    def chunk(s0: int, s1: int) -> tuple[Tensor, Tensor | None]:
+        """Lower bounds (B, k) of rows of units s0..s1 and of their negations (None without upper)."""
         Cc = rows(s0, s1)
-        return backward_lower(ctx, target, torch.cat([Cc, -Cc], dim=1) if upper else Cc, pre_bounds)
+        if not upper:
+            return backward_lower(ctx, target, Cc, pre_bounds), None
+        return split_negation(Cc, backward_lower(ctx, target, with_negation(Cc), pre_bounds))
 
     lows, ups = [], []
-    for s0 in range(0, S, step):
-        s1 = min(S, s0 + step)
-        k = s1 - s0
+    for s0 in range(0, units, step):
+        s1 = min(units, s0 + step)
         # Under checkpointing only (s0, s1) are saved: the spec chunk is rebuilt in backward().
-        res = checkpoint(chunk, s0, s1, use_reentrant=False) if recompute else chunk(s0, s1)
-        lows.append(res[:, :k])
-        ups.append(-res[:, k:])
+        low, neg_up = checkpoint(chunk, s0, s1, use_reentrant=False) if recompute else chunk(s0, s1)
+        lows.append(low)
+        ups.append(None if neg_up is None else -neg_up)
     return torch.cat(lows, 1), (torch.cat(ups, 1) if upper else None)
 
 

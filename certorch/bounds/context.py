@@ -28,6 +28,7 @@ class BoundContext:
     projections: int | None = None  # Cauchy projections for zonotope / dual intermediate bounds
     generator: torch.Generator | None = None
     max_elements: int = 2**27  # largest coefficient tensor a backward pass may build (chunks the spec)
+    patches: bool = True  # window coefficients for intermediate bounds of conv maps (False: dense)
     boxes: dict[int, Box] = field(default_factory=dict)  # bounds per node (the best known)
     ibp_boxes: dict[int, Box] = field(default_factory=dict)
     regions: dict[int, Any] = field(default_factory=dict)  # forward abstract values (zonotope/symbolic)

@@ -8,6 +8,7 @@ from certorch.bounds.backward import chunked_bounds
 from certorch.bounds.context import BoundContext
 from certorch.bounds.forward import symbolic_region, zonotope_region
 from certorch.bounds.ibp import ibp_box
+from certorch.bounds.patches import Patches
 from certorch.domains.box import Box
 
 
@@ -48,27 +49,52 @@ def ibp_is_exact(ctx: BoundContext, idx: int) -> bool:
 def crown_box(ctx: BoundContext, idx: int) -> Box:
     """CROWN bounds of node ``idx``, computed only for neurons that IBP leaves unstable
     (union over the batch); IBP-stable neurons keep their IBP bounds (their relaxation is exact
-    either way). CROWN bounds are intersected with IBP's."""
+    either way). CROWN bounds are intersected with IBP's.
+
+    On a (C, H, W) map the spec rows are windows (:class:`Patches`): when most channels are
+    unstable at the positions that have any, every channel of those positions is bounded (one
+    window per position serves all its channels), otherwise only the unstable neurons.
+    """
     ibp = ibp_box(ctx, idx)
     if ibp_is_exact(ctx, idx):
         return ibp
     lo, up = ibp.lower.flatten(1), ibp.upper.flatten(1)
-    idx_unstable = ((lo < 0) & (up > 0)).any(dim=0).nonzero().flatten()
+    unstable = ((lo < 0) & (up > 0)).any(dim=0)  # (n,)
+    idx_unstable = unstable.nonzero().flatten()
     if idx_unstable.numel() == 0:
         return ibp
     B, n = lo.shape
-    shape = ibp.lower.shape[1:]
+    shape = tuple(ibp.lower.shape[1:])
+    rows, units, per_unit, neurons = _spec_plan(ctx, shape, unstable, idx_unstable, lo.dtype)
+    low_c, up_c = chunked_bounds(ctx, idx, rows, units, lambda i: pre_bounds(ctx, i), unit_rows=per_unit)
+    l_c = torch.maximum(low_c, lo[:, neurons])
+    u_c = torch.minimum(up_c, up[:, neurons])
+    lower = lo.index_copy(1, neurons, l_c).view(B, *shape)
+    upper = up.index_copy(1, neurons, u_c).view(B, *shape)
+    return Box(lower, upper)
 
-    def rows(s0: int, s1: int) -> Tensor:
-        """One-hot spec rows for unstable neurons s0..s1: (1, s1 - s0, *shape), shared by the batch."""
+
+def _spec_plan(ctx: BoundContext, shape: tuple[int, ...], unstable: Tensor, idx_unstable: Tensor, dtype):
+    """How to build one-hot spec rows for the neurons to bound.
+
+    Returns (rows(s0, s1), number of units, rows per unit, neuron index (units * rows per unit,)
+    of each row in the flattened node).
+    """
+    dev = unstable.device
+    if ctx.patches and len(shape) == 3:
+        C, H, W = shape
+        pos = unstable.view(C, H * W).any(0).nonzero().flatten()
+        if 2 * idx_unstable.numel() >= pos.numel() * C:
+            neurons = (torch.arange(C, device=dev)[None, :] * (H * W) + pos[:, None]).flatten()
+            return (lambda s0, s1: Patches.all_channels(pos[s0:s1], shape, dtype)), pos.numel(), C, neurons
+        return (lambda s0, s1: Patches.one_hot(idx_unstable[s0:s1], shape, dtype)), idx_unstable.numel(), 1, idx_unstable
+    n = unstable.numel()
+
+    def dense_rows(s0: int, s1: int) -> Tensor:
+        """(1, s1 - s0, *shape), shared by the batch."""
         k = s1 - s0
-        C = torch.zeros(k, n, dtype=lo.dtype, device=lo.device)
-        C[torch.arange(k, device=lo.device), idx_unstable[s0:s1]] = 1.0
+        C = torch.zeros(k, n, dtype=dtype, device=dev)
+        C[torch.arange(k, device=dev), idx_unstable[s0:s1]] = 1.0
         return C.view(1, k, *shape)
 
-    low_c, up_c = chunked_bounds(ctx, idx, rows, idx_unstable.numel(), lambda i: pre_bounds(ctx, i))
-    l_c = torch.maximum(low_c, lo[:, idx_unstable])
-    u_c = torch.minimum(up_c, up[:, idx_unstable])
-    lower = lo.index_copy(1, idx_unstable, l_c).view(B, *shape)
-    upper = up.index_copy(1, idx_unstable, u_c).view(B, *shape)
-    return Box(lower, upper)
+    return dense_rows, idx_unstable.numel(), 1, idx_unstable

@@ -71,18 +71,39 @@ def deepz(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return lam, mu
 
 
+def backward_lines(l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[Tensor, Tensor, Tensor]:
+    """The relaxation in the form backward passes use, each (B, *shape):
+    ``(s_low, s_up - s_low, b_up)``; lower line ``s_low * z``, upper line ``s_up * z + b_up``."""
+    s_low = lower_slope(l, u, mode)
+    s_up, b_up = upper_line(l, u)
+    return s_low, s_up - s_low, b_up
+
+
+def apply_lines(A: Tensor, s_low: Tensor, ds: Tensor, b_up: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower-bound ``A . relu(z)`` by a linear function of z.
+
+    ``A``: (..., n) coefficients with the neurons flattened into the last dim; the lines
+    (``backward_lines`` output) laid out to broadcast against A, e.g. (B, 1, n) for dense
+    (L, S, n) coefficients. Positive coefficients take the lower line, negative ones the upper:
+    ``A+ s_low + A- s_up == A s_low + A- (s_up - s_low)``, one clamp and one fused multiply-add
+    (s_up == s_low on stable neurons). Returns (coefficients of z, like A; constant A.shape[:-1]
+    broadcast with the lines').
+    """
+    A_neg = A.clamp(max=0)
+    A_new = torch.addcmul(A * s_low, A_neg, ds)
+    if A.dim() == 3 and b_up.shape[1] == 1 and A.shape[1] != 1:  # dense: a matmul, no temporary of A's size
+        const = (A_neg @ b_up.transpose(1, 2)).squeeze(2)
+    else:
+        const = (A_neg * b_up).sum(-1)
+    return A_new, const
+
+
 def backward(A: Tensor, l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[Tensor, Tensor]:
     """Push a lower-bound coefficient ``A`` back through relu.
 
     ``A``: (B, S, *shape) coefficients of ``relu(z)`` in a quantity to lower-bound;
     ``l``, ``u``: (B, *shape). Returns (coefficients of z (B, S, *shape), constant (B, S)).
-    Positive coefficients take the lower line, negative ones the upper line.
     """
-    s_low = lower_slope(l, u, mode)
-    s_up, b_up = upper_line(l, u)
-    # A+ s_low + A- s_up == A s_low + A- (s_up - s_low): one clamp and one fused multiply-add
-    # (s_up == s_low on stable neurons, so only unstable ones see the second term).
-    A_neg = A.clamp(max=0)
-    A_new = torch.addcmul(A * s_low.unsqueeze(1), A_neg, (s_up - s_low).unsqueeze(1))
-    const = A_neg.flatten(2) @ b_up.flatten(1).unsqueeze(2)
-    return A_new, const.squeeze(2)
+    lines = (t.flatten(1).unsqueeze(1) for t in backward_lines(l, u, mode))
+    A_new, const = apply_lines(A.flatten(2), *lines)
+    return A_new.view(A_new.shape[:2] + A.shape[2:]), const
