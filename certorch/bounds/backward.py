@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from certorch.bounds.context import BoundContext
 from certorch.bounds.patches import Patches, add_coefficients
 from certorch.errors import UnsupportedOperationError
+from certorch.ops.maps import ConvMap, ScaleShiftMap, SumMap
 
 Coefficients = Tensor | Patches
 
@@ -144,10 +145,49 @@ def offset_dot(A: Tensor, off: Tensor) -> Tensor:
     return A.flatten(2) @ off.expand(A.shape[2:]).reshape(-1)
 
 
-def chunk_rows(ctx: BoundContext, target: int, batch: int) -> int:
-    """Spec rows per backward pass so that no dense coefficient tensor exceeds ``ctx.max_elements``."""
-    widest = max(ctx.graph.nodes[i].numel for i in ctx.graph.ancestors(target))
-    return max(1, ctx.max_elements // (2 * batch * widest))
+def chunk_rows(ctx: BoundContext, target: int, batch: int, windows: bool = False) -> int:
+    """Spec rows per backward pass so that no coefficient tensor exceeds ``ctx.max_elements``."""
+    return max(1, ctx.max_elements // (2 * batch * row_numel(ctx, target, windows)))
+
+
+def row_numel(ctx: BoundContext, target: int, windows: bool = False) -> int:
+    """The most coefficients one spec row holds at any node of a backward pass from ``target``:
+    the node's size for dense rows; channels x window area for window rows (an estimate: a
+    window grows through each conv and turns dense where :class:`Patches` would), and the
+    column buffer ``conv_transpose2d`` allocates at each conv."""
+    graph = ctx.graph
+    ext: dict[int, tuple[int, int] | None] = {target: (1, 1) if windows and len(graph.nodes[target].shape) == 3 else None}
+    widest = 1
+    for i in reversed(graph.ancestors(target)):
+        if i not in ext:
+            continue
+        node, e = graph.nodes[i], ext.pop(i)
+        if e is not None and e[0] * e[1] >= node.shape[1] * node.shape[2]:
+            e = None
+        area = (node.shape[-2] * node.shape[-1] if len(node.shape) == 3 else 1) if e is None else e[0] * e[1]
+        widest = max(widest, node.numel if e is None else node.shape[0] * area)
+        if node.is_input:
+            continue
+        if node.is_affine:
+            m = ctx.affine_map(i)
+            if isinstance(m, ConvMap):  # conv_transpose2d's column buffer: (Cin * k * k) per output position
+                widest = max(widest, m.weight[0].numel() * area)
+            if e is not None:
+                e = _grown_window(e, m)
+        for j in node.inputs:
+            old = ext[j] if j in ext else e
+            ext[j] = None if old is None or e is None else (max(old[0], e[0]), max(old[1], e[1]))
+    return widest
+
+
+def _grown_window(e: tuple[int, int], m) -> tuple[int, int] | None:
+    """Window size at the input of affine map m for a window e at its output (None: dense)."""
+    if isinstance(m, ConvMap):
+        k = m.weight.shape[-2:]
+        return tuple((e[d] - 1) * m.stride[d] + m.dilation[d] * (k[d] - 1) + 1 for d in range(2))
+    if isinstance(m, SumMap) or (isinstance(m, ScaleShiftMap) and m.channel_dims == 2):
+        return e
+    return None
 
 
 def chunked_bounds(
@@ -158,10 +198,11 @@ def chunked_bounds(
     pre_bounds,
     upper: bool = True,
     unit_rows: int = 1,
+    windows: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Lower and upper bounds (B, units * unit_rows) of ``C . f_target`` where ``rows(s0, s1)``
     builds the spec rows of units s0..s1 (``unit_rows`` rows each: (L, (s1 - s0) * unit_rows,
-    *shape) or :class:`Patches`) on demand, a chunk (:func:`chunk_rows`) at a time.
+    *shape) or, with ``windows``, :class:`Patches`) on demand, a chunk (:func:`chunk_rows`) at a time.
     ``upper=False`` skips the upper bounds (returned as None): half the work.
 
     With autograd recording and more than one chunk, each chunk runs under activation
@@ -171,7 +212,7 @@ def chunked_bounds(
     """
     B = ctx.batch
     prepare_pre_bounds(ctx, target, pre_bounds)
-    step = max(1, chunk_rows(ctx, target, B) // unit_rows)
+    step = max(1, chunk_rows(ctx, target, B, windows) // unit_rows)
     recompute = torch.is_grad_enabled() and units > step
 
     def chunk(s0: int, s1: int) -> tuple[Tensor, Tensor | None]:

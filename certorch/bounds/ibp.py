@@ -23,6 +23,8 @@ def _ibp_node(ctx: BoundContext, i: int) -> Box:
     ins = [ctx.ibp_boxes[j] for j in node.inputs]
     if node.is_affine:
         m = ctx.affine_map(i)
+        if m.monotone:  # non-negative coefficients (reshape, sum, pooling): bounds map to bounds
+            return Box(m(*(b.lower for b in ins)), m(*(b.upper for b in ins)))
         center = m(*(b.center for b in ins))
         radius = m.apply_abs(*(b.radius for b in ins))
         return Box.from_center_radius(center, radius)

@@ -66,7 +66,8 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
     B, n = lo.shape
     shape = tuple(ibp.lower.shape[1:])
     rows, units, per_unit, neurons = _spec_plan(ctx, shape, unstable, idx_unstable, lo.dtype)
-    low_c, up_c = chunked_bounds(ctx, idx, rows, units, lambda i: pre_bounds(ctx, i), unit_rows=per_unit)
+    windows = ctx.patches and len(shape) == 3
+    low_c, up_c = chunked_bounds(ctx, idx, rows, units, lambda i: pre_bounds(ctx, i), True, per_unit, windows)
     l_c = torch.maximum(low_c, lo[:, neurons])
     u_c = torch.minimum(up_c, up[:, neurons])
     lower = lo.index_copy(1, neurons, l_c).view(B, *shape)

@@ -27,11 +27,11 @@ class Box:
 
     @property
     def center(self) -> Tensor:
-        return (self.upper + self.lower) / 2
+        return (self.upper + self.lower) * 0.5
 
     @property
     def radius(self) -> Tensor:
-        return (self.upper - self.lower) / 2
+        return (self.upper - self.lower) * 0.5
 
     @property
     def shape(self) -> torch.Size:

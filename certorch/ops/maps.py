@@ -25,6 +25,7 @@ class AffineMap:
 
     num_inputs: int = 1
     diagonal: bool = False  # element-wise map (IBP through it is exact)
+    monotone: bool = False  # all coefficients >= 0: the map sends lower/upper bounds to lower/upper bounds
 
     def apply(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -150,6 +151,8 @@ class ScaleShiftMap(AffineMap):
 class ReshapeMap(AffineMap):
     """Reshape per example (Flatten, view). Shapes exclude the batch dim."""
 
+    monotone = True
+
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     diagonal = True
@@ -170,6 +173,8 @@ class ReshapeMap(AffineMap):
 @dataclass
 class SumMap(AffineMap):
     """Sum of ``num_inputs`` same-shape inputs (residual Add)."""
+
+    monotone = True
 
     num_inputs: int = 2
 
@@ -195,6 +200,8 @@ class NonNegativeLinearMap(AffineMap):
 
     The transpose is the vector-Jacobian product of ``fn`` (exact for linear ``fn``).
     """
+
+    monotone = True
 
     fn: Callable[[Tensor], Tensor]
     in_shape: tuple[int, ...]
