@@ -170,7 +170,9 @@ def row_numel(ctx: BoundContext, target: int, windows: bool = False) -> int:
             continue
         if node.is_affine:
             m = ctx.affine_map(i)
-            if isinstance(m, ConvMap):  # conv_transpose2d's column buffer: (Cin * k * k) per output position
+            if isinstance(m, ConvMap) and ctx.dtype == torch.float64:
+                # float64 conv_transpose2d (no oneDNN kernel) allocates a column buffer of
+                # Cin * k * k entries per output position for the whole batch at once
                 widest = max(widest, m.weight[0].numel() * area)
             if e is not None:
                 e = _grown_window(e, m)
