@@ -170,16 +170,27 @@ def row_numel(ctx: BoundContext, target: int, windows: bool = False) -> int:
             continue
         if node.is_affine:
             m = ctx.affine_map(i)
-            if isinstance(m, ConvMap) and ctx.dtype == torch.float64:
-                # float64 conv_transpose2d (no oneDNN kernel) allocates a column buffer of
-                # Cin * k * k entries per output position for the whole batch at once
-                widest = max(widest, m.weight[0].numel() * area)
+            if isinstance(m, ConvMap):
+                # conv_transpose2d's scratch (measured, torch 2.13 CPU): float64 (no oneDNN kernel)
+                # allocates a column buffer of Cin * k * k entries per output position for the whole
+                # batch at once; float32 about twice its output
+                cin = m.weight.shape[1]
+                scratch = m.weight[0].numel() * area if ctx.dtype == torch.float64 else 2 * cin * _input_area(m, e)
+                widest = max(widest, scratch)
             if e is not None:
                 e = _grown_window(e, m)
         for j in node.inputs:
             old = ext[j] if j in ext else e
             ext[j] = None if old is None or e is None else (max(old[0], e[0]), max(old[1], e[1]))
     return widest
+
+
+def _input_area(m, e: tuple[int, int] | None) -> int:
+    """Spatial size of a conv's input window (the whole input map for dense rows)."""
+    if e is None:
+        return m.in_shape[1] * m.in_shape[2]
+    g = _grown_window(e, m)
+    return g[0] * g[1]
 
 
 def _grown_window(e: tuple[int, int], m) -> tuple[int, int] | None:
