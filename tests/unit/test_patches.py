@@ -149,3 +149,32 @@ def test_adding_windows_of_different_size_equals_dense_sum():
     total = add_coefficients(a, b)
     assert isinstance(total, Patches)
     assert torch.allclose(total.to_dense(), a.to_dense() + b.to_dense(), atol=1e-12)
+
+
+def _context(model, x):
+    from certorch.bounds.context import BoundContext
+    from certorch.graph.capture import capture
+
+    return BoundContext(graph=capture(model, tuple(x.shape[1:])), box=ct.linf_ball(x, 0.1), x=x, dtype=x.dtype)
+
+
+def test_window_rows_are_budgeted_smaller_than_dense_rows():
+    from certorch.bounds.backward import row_numel
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(), nn.Flatten())
+    x = torch.rand(2, 3, 16, 16)
+    ctx = _context(model, x)
+    target = [n.index for n in ctx.graph.nodes if n.op.kind == "conv2d"][1]  # the second conv
+    windows, dense = row_numel(ctx, target, windows=True), row_numel(ctx, target, windows=False)
+    assert windows < dense
+    assert windows >= 8 * 3 * 3  # the 3x3 window of the first ReLU's 8 channels
+
+
+def test_float64_rows_budget_the_conv_transpose_column_buffer():
+    from certorch.bounds.backward import row_numel
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1)).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    ctx = _context(model, x)
+    # dense rows through the second conv: its column buffer is Cin * k * k per output position
+    assert row_numel(ctx, ctx.graph.output, windows=False) >= 8 * 3 * 3 * 16 * 16
