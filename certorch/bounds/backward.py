@@ -72,16 +72,15 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds) 
                     f"backward bound methods do not support {node.op.kind!r} (node {node.name!r}); use method='ibp'"
                 )
             box = acts[i]
-            lines = relax.backward_lines(box.lower, box.upper, ctx.slope)
             if isinstance(Ai, Patches):
                 B = box.lower.shape[0]
+                lines = relax.backward_lines(box.lower, box.upper, ctx.slope)
                 g = Ai.gather(torch.cat(lines, 0)).flatten(3)  # one gather for the three lines: (3B, U, 1, D)
                 P_in, c_add = relax.apply_lines(Ai.P.flatten(3), g[:B], g[B : 2 * B], g[2 * B :])
                 A_in = Ai.with_P(P_in.view(P_in.shape[:3] + Ai.P.shape[3:]), clean=True)  # lines are 0 in the padding
                 c_add = Ai.flat_rows(c_add)
             else:
-                A_in, c_add = relax.apply_lines(Ai.flatten(2), *(t.flatten(1).unsqueeze(1) for t in lines))
-                A_in = A_in.view(A_in.shape[:2] + Ai.shape[2:])
+                A_in, c_add = relax.backward(Ai, box.lower, box.upper, ctx.slope)
             const = const + c_add
             push(node.inputs[0], A_in)
         else:

@@ -65,8 +65,8 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
         return ibp
     B, n = lo.shape
     shape = tuple(ibp.lower.shape[1:])
-    rows, units, per_unit, neurons = _spec_plan(ctx, shape, unstable, idx_unstable, lo.dtype)
     windows = ctx.patches and len(shape) == 3
+    rows, units, per_unit, neurons = _spec_plan(shape, windows, unstable, idx_unstable, lo.dtype)
     low_c, up_c = chunked_bounds(ctx, idx, rows, units, lambda i: pre_bounds(ctx, i), True, per_unit, windows)
     l_c = torch.maximum(low_c, lo[:, neurons])
     u_c = torch.minimum(up_c, up[:, neurons])
@@ -75,14 +75,14 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
     return Box(lower, upper)
 
 
-def _spec_plan(ctx: BoundContext, shape: tuple[int, ...], unstable: Tensor, idx_unstable: Tensor, dtype):
-    """How to build one-hot spec rows for the neurons to bound.
+def _spec_plan(shape: tuple[int, ...], windows: bool, unstable: Tensor, idx_unstable: Tensor, dtype):
+    """How to build one-hot spec rows for the neurons to bound (as :class:`Patches` with ``windows``).
 
     Returns (rows(s0, s1), number of units, rows per unit, neuron index (units * rows per unit,)
     of each row in the flattened node).
     """
     dev = unstable.device
-    if ctx.patches and len(shape) == 3:
+    if windows:
         C, H, W = shape
         pos = unstable.view(C, H * W).any(0).nonzero().flatten()
         if 2 * idx_unstable.numel() >= pos.numel() * C:
