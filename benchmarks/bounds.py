@@ -244,6 +244,11 @@ def _fmt(r: dict | None, field: str) -> str:
     return f"{v:.3g}" if field == "time" else f"{v:.0f}"
 
 
+def _cells(r: dict) -> str:
+    """Table cells: fwd s | fwd+bwd s | fwd MB | fwd+bwd MB."""
+    return " | ".join(_fmt(r.get(phase), field) for field in ("time", "mem") for phase in ("fwd", "fwdbwd"))
+
+
 def _ratio(a: dict | None, b: dict | None, field: str = "time") -> str:
     if not a or not b or "error" in a or "error" in b or a[field] <= 0:
         return "-"
@@ -298,10 +303,7 @@ def report(args, results: dict, scaling: dict, elapsed: float) -> str:
     ]
     for k, r in results.items():
         model, lib, meth = k.split("|")
-        L.append(
-            f"| {model} | {lib} | {meth} | {_fmt(r.get('fwd'), 'time')} | {_fmt(r.get('fwdbwd'), 'time')} "
-            f"| {_fmt(r.get('fwd'), 'mem')} | {_fmt(r.get('fwdbwd'), 'mem')} |"
-        )
+        L.append(f"| {model} | {lib} | {meth} | {_cells(r)} |")
     L += ["", "## Ratios", ""]
     L += [
         "IBP cost: certorch IBP fwd+bwd / natural fwd+bwd (target <= 2.5x). Peers: peer time / certorch "
@@ -337,10 +339,7 @@ def report(args, results: dict, scaling: dict, elapsed: float) -> str:
         ]
         for k, r in scaling.items():
             model, _, meth = k.split("|")
-            L.append(
-                f"| {model} | {meth[7:-1]} | {_fmt(r.get('fwd'), 'time')} | {_fmt(r.get('fwdbwd'), 'time')} "
-                f"| {_fmt(r.get('fwd'), 'mem')} | {_fmt(r.get('fwdbwd'), 'mem')} |"
-            )
+            L.append(f"| {model} | {meth[7:-1]} | {_cells(r)} |")
     L += ["", "## Targets: what is met, what is not, and why", ""]
     L += [
         "Read the ratios above; the reasons below do not change with the numbers of one run.",
