@@ -100,7 +100,8 @@ def _clean_pass(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, objective: Objective | None = None) -> dict[str, float]:
     """Held-out metrics of ``model`` on (N, C, H, W) ``x``, (N,) ``y``: ``eval_loss``,
     ``nat_acc``, ``pgd_acc`` (attack ``cfg.eval.attack`` at ``cfg.eval_eps``, seeded) plus the
-    objective's :meth:`~Objective.eval_metrics`. Global RNG states are left untouched."""
+    objective's :meth:`~Objective.eval_metrics` (means over all of ``x``, computed per eval batch).
+    Global RNG states are left untouched."""
     from certorch.attacks import build_attack
 
     e = cfg.eval
@@ -125,11 +126,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, objective
                 robust += (~attack(model, xb, yb, eps).success).sum()
             else:
                 robust += c
-        if objective is not None:
-            n = min(len(y), e.batch_size)
-            extra = {k: float(v) for k, v in objective.eval_metrics(model, x[:n], y[:n], eps).items()}
+            if objective is not None:  # per-batch means, summed with batch-size weights
+                for k, v in objective.eval_metrics(model, xb, yb, eps).items():
+                    extra[k] = extra.get(k, 0.0) + float(v) * len(yb)
     model.train(was_training)
     n = max(len(y), 1)
+    extra = {k: v / n for k, v in extra.items()}
     return {"eval_loss": float(loss_sum) / n, "nat_acc": float(correct) / n, f"{e.attack}_acc": float(robust) / n, **extra}
 
 

@@ -137,3 +137,28 @@ def test_training_md_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "training.md", "exec"), scope)
     assert scope["result"].summary["epochs_done"] == 2
     assert (tmp_path / "runs" / "py" / "summary.json").is_file()
+
+
+class _LabelShare(Objective):
+    """eval_metrics = the share of label 0 in the batch it is given."""
+
+    name = "_test_label_share"
+
+    def loss(self, model, x, y, eps, state):
+        logits = model(x)
+        return LossOutput(F.cross_entropy(logits, y), {}, logits)
+
+    def eval_metrics(self, model, x, y, eps):
+        return {"share0": float((y == 0).float().mean())}
+
+
+def test_objective_eval_metrics_cover_every_eval_batch():
+    from certorch.models import build
+    from certorch.train.trainer import evaluate
+
+    cfg = config_from_dict(tiny_cfg(eval={"size": 50, "batch_size": 16, "steps": 1}))
+    model = build("digits_mlp", dataset="digits")
+    y = torch.tensor([0] * 5 + [1] * 45)  # label 0 only in the first batch of 16
+    x = torch.rand(50, 1, 8, 8)
+    out = evaluate(model, x, y, cfg, _LabelShare())
+    assert out["share0"] == pytest.approx(5 / 50)
