@@ -8,6 +8,11 @@ MILP work on it unchanged. Supported ONNX ops: :data:`SUPPORTED_OPS`. A graph us
 fails with ONE error listing every unsupported op; a corrupt or invalid file fails with a
 one-line :class:`CertorchError`.
 
+Precision: the module computes in the file's precision, so the network verified is the one
+given. A FLOAT network becomes a float32 module, a DOUBLE network a float64 module (weights
+copied without rounding; ``ImportedNetwork.dtype`` says which). Other input types (FLOAT16,
+BFLOAT16, integers) and mixed files (e.g. a DOUBLE input with FLOAT weights) are refused.
+
 Export (:func:`export_onnx`) writes a certorch model with ``torch.onnx.export`` (TorchScript
 exporter, ``dynamo=False``, dynamic batch dimension).
 
@@ -41,7 +46,8 @@ SUPPORTED_OPS = frozenset(
         "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout",
     }
 )
-_FLOAT_TYPES = (1, 11)  # onnx.TensorProto.FLOAT, DOUBLE
+#: ONNX element types the importer accepts for the network (onnx.TensorProto.FLOAT, DOUBLE).
+_FLOAT_TYPES = {1: torch.float32, 11: torch.float64}
 
 
 class OnnxNetwork(nn.Module):
@@ -80,6 +86,7 @@ class ImportedNetwork:
     input_name: str
     output_name: str
     opset: int | None
+    dtype: torch.dtype = torch.float32  # the file's precision: the module computes in it
 
     @property
     def num_inputs(self) -> int:
@@ -117,6 +124,16 @@ def load_onnx(source: str | Path | bytes) -> ImportedNetwork:
     return import_onnx(proto, where=where)
 
 
+def _type_name(elem_type: int) -> str:
+    """The ONNX name of an element type (e.g. 'FLOAT16'), or its number if unknown."""
+    try:
+        from onnx import TensorProto
+
+        return TensorProto.DataType.Name(elem_type)
+    except Exception:  # noqa: BLE001
+        return str(elem_type)
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
@@ -141,7 +158,9 @@ def import_onnx(proto, where: str = "<model>") -> ImportedNetwork:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     conv = _Converter(graph, where)
     module = conv.run()
-    return ImportedNetwork(module, conv.input_shape, conv.shapes[conv.output], conv.input_name, conv.output, opset)
+    return ImportedNetwork(
+        module, conv.input_shape, conv.shapes[conv.output], conv.input_name, conv.output, opset, conv.dtype
+    )
 
 
 class _Converter:
@@ -151,7 +170,7 @@ class _Converter:
         from onnx import numpy_helper
 
         self.g, self.where, self._nh = graph, where, numpy_helper
-        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.consts: dict[str, np.ndarray] = {t.name: self._array(t) for t in graph.initializer}
         inputs = [i for i in graph.input if i.name not in self.consts]
         if len(inputs) != 1:
             raise CertorchError(f"{where}: expected exactly one network input, got {len(inputs)}")
@@ -160,19 +179,37 @@ class _Converter:
         inp = inputs[0]
         self.input_name = inp.name
         self.input_shape = self._input_shape(inp)
+        self.dtype: torch.dtype = _FLOAT_TYPES[inp.type.tensor_type.elem_type]
+        self.np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        out_type = graph.output[0].type.tensor_type.elem_type
+        if out_type and _FLOAT_TYPES.get(out_type) != self.dtype:
+            raise CertorchError(
+                f"{where}: the network output {graph.output[0].name!r} has element type {_type_name(out_type)} but the "
+                f"input is {_type_name(inp.type.tensor_type.elem_type)}; mixed precision is not supported"
+            )
         self.output = graph.output[0].name
         self.shapes: dict[str, tuple[int, ...]] = {inp.name: self.input_shape}
         self.alias: dict[str, str] = {}
         self.layers: dict[str, nn.Module] = {}
         self.plan: list[tuple[str, str, tuple[str, ...]]] = []
         self.producer: dict[str, str] = {}  # tensor name -> layer key that produced it
+        # raw uses: one per (consumer node, input slot) and one for the graph output; see _uses
         self.uses = Counter(i for n in graph.node for i in n.input if i)
         self.uses[self.output] += 1
+
+    def _array(self, t) -> np.ndarray:
+        """An initializer / Constant tensor as numpy; a corrupt tensor is a one-line error."""
+        try:
+            return self._nh.to_array(t)
+        except Exception as e:  # noqa: BLE001  (onnx raises several types on corrupt tensors)
+            raise CertorchError(f"{self.where}: malformed constant tensor {t.name!r}: {_first_line(e)}") from None
 
     def _input_shape(self, inp) -> tuple[int, ...]:
         t = inp.type.tensor_type
         if t.elem_type not in _FLOAT_TYPES:
-            raise CertorchError(f"{self.where}: network input {inp.name!r} must be float or double")
+            raise CertorchError(
+                f"{self.where}: network input {inp.name!r} must be FLOAT or DOUBLE, got {_type_name(t.elem_type)}"
+            )
         dims = list(t.shape.dim)
         if len(dims) < 2:
             raise CertorchError(f"{self.where}: network input {inp.name!r} needs a batch dimension and at least one more")
@@ -202,7 +239,28 @@ class _Converter:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
     def _tensor(self, a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+        """A constant as a tensor in the network's dtype (float32 or float64)."""
+        return torch.from_numpy(np.array(a, dtype=self.np_dtype, copy=True))
+
+    def _uses(self, x: str) -> int:
+        """How many consumers read the value ``x`` (an alias-resolved name), through any alias.
+
+        Raw uses are counted per ONNX name; an alias (Identity, Dropout, same-shape Reshape, a
+        folded bias) consumes one raw use of its source and forwards the value to its own
+        consumers, so the value's uses are the raw uses of every name resolving to ``x`` minus one
+        per alias. Aliases not converted yet still count as raw uses (conservative).
+        """
+        total = sum(c for n, c in self.uses.items() if self._name(n) == x)
+        forwarded = sum(1 for a in self.alias if self._name(a) == x)
+        return total - forwarded
+
+    def _check_operand(self, node, name: str, c: np.ndarray) -> None:
+        """Numeric constant operands must have the network's float dtype (no mixed precision)."""
+        if np.asarray(c).dtype != self.np_dtype:
+            raise self._err(
+                node, f"constant {name!r} has dtype {np.asarray(c).dtype} but the network is "
+                f"{np.dtype(self.np_dtype).name}; mixed precision is not supported"
+            )
 
     def _per_example(self, node, c: np.ndarray, shape: tuple[int, ...]) -> Tensor:
         """A constant operand broadcast against a (B, *shape) tensor, without the batch dim."""
@@ -226,7 +284,7 @@ class _Converter:
             key, i = f"{base}_{i}", i + 1
         with torch.no_grad():
             try:
-                y = module(torch.zeros(1, *self.shapes[x]))
+                y = module(torch.zeros(1, *self.shapes[x], dtype=self.dtype))
             except RuntimeError as e:
                 raise self._err(node, f"does not accept input of shape {self.shapes[x]}: {_first_line(e)}") from None
         self.layers[key] = module
@@ -243,6 +301,9 @@ class _Converter:
         tensors = [n for n in names if n not in self.consts]
         if len(tensors) != 1:
             raise self._err(node, f"expected one tensor input (others constant), got {len(tensors)}")
+        for n in names:
+            if n in self.consts:
+                self._check_operand(node, n, self.consts[n])
         return tensors[0], [self.consts.get(n) for n in names]
 
     # -- main loop ------------------------------------------------------------------------
@@ -269,11 +330,11 @@ class _Converter:
 
     def _op_Constant(self, node, at) -> None:
         if "value" in at:
-            self.consts[node.output[0]] = self._nh.to_array(at["value"])
+            self.consts[node.output[0]] = self._array(at["value"])
             return
-        for k in ("value_float", "value_floats", "value_int", "value_ints"):
+        for k, dt in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
             if k in at:
-                self.consts[node.output[0]] = np.asarray(at[k])
+                self.consts[node.output[0]] = np.asarray(at[k], dtype=dt)
                 return
         raise self._err(node, f"unsupported Constant attributes {sorted(at)}")
 
@@ -356,7 +417,7 @@ class _Converter:
     def _linear(self, node, x: str, W: np.ndarray, bias: np.ndarray | None) -> None:
         if len(self.shapes[x]) != 1 or self.shapes[x][0] != W.shape[1]:
             raise self._err(node, f"input of shape {self.shapes[x]} does not match a ({W.shape[1]} -> {W.shape[0]}) matrix")
-        lin = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, dtype=self.dtype)
         with torch.no_grad():
             lin.weight.copy_(self._tensor(W))
             if bias is not None:
@@ -370,7 +431,7 @@ class _Converter:
         key = self.producer.get(x)
         prev = self.layers.get(key) if key else None
         # fold a constant bias into a preceding bias-free Linear (MatMul + Add)
-        if sc is None and isinstance(prev, nn.Linear) and prev.bias is None and self.uses[x] == 1 and sh is not None:
+        if sc is None and isinstance(prev, nn.Linear) and prev.bias is None and self._uses(x) == 1 and sh is not None:
             bias = torch.broadcast_to(sh, shape).clone()
             prev.bias = nn.Parameter(bias)
             self.alias[node.output[0]] = x
@@ -408,7 +469,7 @@ class _Converter:
             raise self._err(node, f"{op} of tensors of different shapes {self.shapes[a]} and {self.shapes[b]} is not supported")
         if op == "Sub":
             neg, key = f"{node.output[0]}::neg", f"neg_{len(self.layers)}"
-            self.layers[key] = ElementwiseAffine(torch.tensor(-1.0), None)
+            self.layers[key] = ElementwiseAffine(torch.tensor(-1.0, dtype=self.dtype), None)
             self.plan.append((neg, key, (b,)))
             self.shapes[neg], b = self.shapes[b], neg
         self.plan.append((node.output[0], "+", (a, b)))
@@ -457,7 +518,7 @@ class _Converter:
         cout, cin, kh, kw = W.shape
         conv = nn.Conv2d(
             cin, cout, (kh, kw), stride=tuple(at.get("strides", (1, 1))), padding=self._conv_pads(node, at, 2),
-            dilation=tuple(at.get("dilations", (1, 1))), bias=bool(B) and B[0] is not None,
+            dilation=tuple(at.get("dilations", (1, 1))), bias=bool(B) and B[0] is not None, dtype=self.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(self._tensor(W))
