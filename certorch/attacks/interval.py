@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certorch.attacks.base import Attack, Model, project, worst_margin
-from certorch.attacks.pgd_attack import PGD, _check_int, _check_positive
+from certorch.attacks.pgd_attack import PGD, _check_int, _check_positive, _check_seed
 from certorch.attacks.registry import register_attack
 from certorch.bounds.api import bound
 from certorch.domains.box import Box
@@ -63,7 +63,7 @@ def interval_gradient(model: nn.Module, x: Tensor, radius: Tensor, box: Box, y: 
 class IntervalAttack(Attack):
     """MixTrain's interval attack; keyword-only hyperparameters:
 
-        steps: interval-gradient steps (>= 0).
+        steps: interval-gradient steps (>= 0; ``steps + pgd_steps >= 1``, else nothing attacks).
         step_size: absolute step; ``rel_step_size`` (default 0.25): fraction of eps.
         delta0: initial box radius as a fraction of eps (default 0.01).
         growth: factor by which the radius grows while the bound shows no violation (> 1).
@@ -106,7 +106,9 @@ class IntervalAttack(Attack):
         self.loss = loss
         self.pgd_steps = _check_int("pgd_steps", pgd_steps, 0)
         self.pgd_restarts = _check_int("pgd_restarts", pgd_restarts, 1)
-        self.seed = None if seed is None else _check_int("seed", seed, 0)
+        if self.steps + self.pgd_steps < 1:
+            raise CertorchError("steps and pgd_steps are both 0: the interval attack would not move (give steps >= 1)")
+        self.seed = _check_seed(seed)
 
     def _radius(self, model: nn.Module, x: Tensor, y: Tensor, box: Box, eps_b: Tensor) -> Tensor:
         """(B,) smallest ``delta0 * eps * growth^k`` whose box may contain a violation (capped at eps)."""

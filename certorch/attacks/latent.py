@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certorch.attacks.base import frozen_parameters, worst_margin
-from certorch.attacks.pgd_attack import LOSSES, attack_loss, _check_int, _check_positive
+from certorch.attacks.pgd_attack import LOSSES, attack_loss, _check_int, _check_positive, _check_seed
 from certorch.bounds.api import bound
 from certorch.domains.zonotope import Zonotope
 from certorch.errors import CertorchError
@@ -151,7 +151,7 @@ def latent_attack(
     Args:
         x: (B, *input_shape) inputs; y: (B,) labels; eps: L-inf radius (float or tensor).
         layer: node name (as in ``capture(model, ...)``) or index; must be a cut of the graph.
-        steps: sign-gradient steps per restart; ``step_size``: step in coefficient units
+        steps: sign-gradient steps per restart (>= 1); ``step_size``: step in coefficient units
             (coefficients live in [-1, 1]; COLT uses 0.25 with 8 steps).
         loss: ``"ce"`` or ``"margin"``; restarts: independent runs, best kept per example.
         random_start: start at uniform ``e`` (else at ``e = 0``, the zonotope center).
@@ -161,8 +161,9 @@ def latent_attack(
     """
     if not isinstance(model, nn.Module):
         raise CertorchError(f"latent_attack needs an nn.Module, got {type(model).__name__}")
-    steps = _check_int("steps", steps, 0)
+    steps = _check_int("steps", steps, 1)
     restarts = _check_int("restarts", restarts, 1)
+    seed = _check_seed(seed)
     step_size = _check_positive("step_size", step_size)
     if loss not in LOSSES:
         raise CertorchError(f"unknown attack loss {loss!r}; valid: {', '.join(LOSSES)}")

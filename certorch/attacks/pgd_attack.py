@@ -66,10 +66,22 @@ def input_gradient(model: Model, x: Tensor, y: Tensor, loss: str, kappa: float =
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), logits.detach()
 
 
+MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2^64)
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise CertorchError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _check_seed(seed) -> int | None:
+    """``None`` or an integer seed in ``[0, 2^64)`` (what a torch generator accepts)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise CertorchError(f"seed must be an integer in [0, 2^64 - 1], got {seed!r}")
+    return seed
 
 
 def _check_positive(name: str, value) -> float | None:
@@ -85,7 +97,8 @@ class PGD(Attack):
     """L-inf PGD with sign-gradient ascent steps, projected onto ball ∩ [lo, hi].
 
     Keyword-only hyperparameters (validated here, not mid-run):
-        steps: gradient steps per restart (>= 0; 0 with ``random_start`` = random point).
+        steps: gradient steps per restart (>= 1; 0 steps would not be an attack: a random point
+            could be classified correctly where ``x`` is not and inflate robust accuracy).
         step_size: absolute step size; default ``2.5 * eps / steps``.
         rel_step_size: step size as a fraction of eps (exclusive with ``step_size``); handy
             when eps follows a schedule during training.
@@ -114,7 +127,7 @@ class PGD(Attack):
         best_iterate: bool = True,
         seed: int | None = None,
     ):
-        self.steps = _check_int("steps", steps, 0)
+        self.steps = _check_int("steps", steps, 1)
         self.restarts = _check_int("restarts", restarts, 1)
         self.step_size = _check_positive("step_size", step_size)
         self.rel_step_size = _check_positive("rel_step_size", rel_step_size)
@@ -128,8 +141,7 @@ class PGD(Attack):
             raise CertorchError(f"unknown attack loss {loss!r}; valid: {', '.join(LOSSES)}")
         if schedule not in SCHEDULES:
             raise CertorchError(f"unknown step-size schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if seed is not None:
-            seed = _check_int("seed", seed, 0)
+        seed = _check_seed(seed)
         self.random_start = random_start
         self.loss = loss
         self.schedule = schedule

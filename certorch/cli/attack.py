@@ -54,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
     for xb, yb in zip(ds.images.split(args.batch_size), ds.labels.split(args.batch_size)):
         xb, yb = xb.to(device), yb.to(device)
         with torch.no_grad():
-            correct += int((model(xb).argmax(1) == yb).sum())
-        robust += int((~attack(model, xb, yb, args.eps).success).sum()) if args.eps > 0 else int((model(xb).argmax(1) == yb).sum())
+            clean_ok = model(xb).argmax(1) == yb
+        correct += int(clean_ok.sum())
+        # robust: correct on the clean input AND on the attacked one (an attack may land on a
+        # correctly classified point where the clean input is already misclassified)
+        robust += int((clean_ok & ~attack(model, xb, yb, args.eps).success).sum()) if args.eps > 0 else int(clean_ok.sum())
     n = len(ds.labels)
     row = {
         "examples": n,

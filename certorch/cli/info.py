@@ -33,12 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from certorch.models import list_models
     from certorch.train.objectives import list_objectives, objective_help
 
+    models = list_models(args.models_for)  # validates --models-for before anything is printed
     print("datasets:")
     for name, info in sorted(DATASETS.items()):
         shape = "x".join(map(str, info.input_shape))
         print(f"  {name:<14} {shape:<8} {info.num_classes} classes  {info.description}")
     print("models:" if args.models_for is None else f"models for {args.models_for}:")
-    print("  " + ", ".join(list_models(args.models_for)))
+    print("  " + ", ".join(models))
     print("methods (training objectives):")
     for name in list_objectives():
         print(f"  {name:<14} {objective_help(name)}")

@@ -384,3 +384,34 @@ def test_docs_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
     assert blocks, "docs/attacks.md has no python example"
     exec(compile(blocks[0], str(doc), "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize("cls", [PGD, CW])
+def test_zero_steps_refused(cls):
+    """0 steps is a random point, not an attack (it reported robust > natural accuracy)."""
+    with pytest.raises(CertorchError, match="steps must be an integer >= 1"):
+        cls(steps=0)
+    with pytest.raises(CertorchError, match="steps must be an integer >= 1"):
+        build_attack(cls.name, steps=0)
+
+
+def test_interval_attack_without_any_step_refused():
+    from certorch.attacks import IntervalAttack
+
+    with pytest.raises(CertorchError, match="would not move"):
+        IntervalAttack(steps=0, pgd_steps=0)
+    IntervalAttack(steps=0, pgd_steps=3)  # PGD from x alone is still an attack
+
+
+def test_latent_attack_zero_steps_refused():
+    from certorch.attacks import latent_attack
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(CertorchError, match="steps must be an integer >= 1"):
+        latent_attack(net, torch.rand(2, 2), torch.tensor([0, 1]), 0.1, 1, steps=0)
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 1.5])
+def test_seed_out_of_range_refused(seed):
+    with pytest.raises(CertorchError, match="seed must be an integer in"):
+        PGD(steps=1, seed=seed)

@@ -123,3 +123,49 @@ def test_resume_extends_run(run_dir, capsys):
     assert (run_dir / "checkpoints" / "ckpt-0002.safetensors").is_file()
     assert "epochs: 2" in (run_dir / "config.yaml").read_text()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_python_dash_m_certorch(tmp_path):
+    """``python -m certorch`` is the CLI: a good command exits 0, bad input one error line and 2."""
+    ok = subprocess.run([sys.executable, "-m", "certorch", "info"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "models:" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "certorch", "attack", str(tmp_path / "missing"), "--eps", "0.1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_info_unknown_dataset_prints_nothing_before_error(capsys):
+    code = main(["info", "--models-for", "nope"])
+    cap = capsys.readouterr()
+    assert code == 2 and cap.out == ""
+    assert cap.err.strip().startswith("error: unknown dataset 'nope'") and len(cap.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_attack_zero_steps_refused(run_dir, capsys, steps):
+    assert "steps must be an integer >= 1" in error_line(capsys, ["attack", str(run_dir), "--eps", "0.1", "--steps", steps])
+
+
+def _row(out: str) -> dict[str, str]:
+    head, _rule, body = out.strip().splitlines()[-3:]
+    return dict(zip(head.split(), body.split()))
+
+
+def test_attack_robust_accuracy_never_above_natural(run_dir, capsys, monkeypatch):
+    """An 'attack' that moves every input towards its label repairs misclassified examples; robust
+    accuracy must still count only examples that are correct clean and attacked."""
+    from certorch.attacks import Attack, input_gradient
+    from certorch.attacks import registry
+
+    class Helpful(Attack):
+        def run(self, model, x, y, box, eps):
+            g, _ = input_gradient(model, x, y, "ce")
+            return x - eps * g.sign()
+
+    monkeypatch.setitem(registry._ATTACKS, "helpful", Helpful)
+    assert main(["attack", str(run_dir), "--attack", "helpful", "--eps", "0.5", "--n", "200", "--device", "cpu"]) == 0
+    row = _row(capsys.readouterr().out)
+    nat, rob = float(row["natural_acc"]), float(row["robust_acc"])
+    assert nat < 1.0  # some clean errors exist, so the old accounting would report rob > nat
+    assert rob <= nat
