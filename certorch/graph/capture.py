@@ -1,9 +1,21 @@
 """Capture a :class:`Graph` from an ``nn.Module`` through the public ``torch.fx`` API.
 
 Modules whose type is in the op registry are leaves; others are traced through. Shapes come
-from ``torch.fx.passes.shape_prop.ShapeProp`` on a batch of 2 zeros (so reshapes that mix the
-batch dimension are detected). Graphs are cached per (model, input shape) in a weak map; ops
-read the live parameters, so a cached graph stays valid while the module structure is unchanged.
+from ``torch.fx.passes.shape_prop.ShapeProp`` on a batch of 2 (so reshapes that mix the batch
+dimension are detected).
+
+Caching: graphs are cached per model object (weakly) and per input shape, **keyed on the
+module structure** (:func:`structure_key`: the identity and type of every submodule at every
+path, the callables and plain settings stored on them). Ops hold module references and read the
+live parameters, so a cached graph stays valid exactly while that key is unchanged; replacing a
+layer (``model[3] = nn.Linear(8, 3)``, ``model.fc = ...``, a new head, a cascade or COLT stage)
+changes the key and the model is captured again.
+
+Every capture is checked once against the model (:func:`check_capture`): ``graph.forward(x)``
+must equal ``model(x)`` in float64 on a seeded probe batch, which also catches fx tracing only
+one branch of data-dependent code and in-place aliasing. Capture never changes the model:
+each module's own train/eval flag is restored (``certorch.nn.mode.eval_mode``) and the check runs
+on float64 copies of the parameters and buffers (``torch.func.functional_call``).
 """
 from __future__ import annotations
 
@@ -17,10 +29,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 import certorch.ops  # noqa: F401  (registers ops)
 from certorch.errors import CertorchError, UnsupportedOperationError
 from certorch.graph.ir import Graph, Node
+from certorch.nn.mode import eval_mode
 from certorch.ops.base import InputOp
 from certorch.ops.registry import function_factory, is_registered_module, module_factory
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_PLAIN = (bool, int, float, str, type(None))
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -30,13 +44,91 @@ class _LeafTracer(torch.fx.Tracer):
         return is_registered_module(m) or super().is_leaf_module(m, qualname)
 
 
+def _setting(v) -> object | None:
+    """Hashable summary of a module attribute that can change what ``forward`` computes."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v):
+        return v
+    if callable(v) and not isinstance(v, (nn.Module, torch.Tensor)):
+        return ("callable", id(v))
+    return None
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What a captured graph depends on besides parameter values: for every submodule path,
+    the module's identity and class, and the callables and plain settings (ints, floats,
+    strings, tuples) in its ``__dict__`` (the ``training`` flag excluded: ops read it live)."""
+    items: list = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        items.append((name, id(m), type(m)))
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training":
+                continue
+            s = _setting(v)
+            if s is not None:
+                items.append((name, k, s))
+    return tuple(items)
+
+
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
-    """Graph of ``model`` for per-example input shape ``input_shape`` (no batch dim); cached."""
-    key = tuple(int(s) for s in input_shape)
+    """Graph of ``model`` for per-example input shape ``input_shape`` (no batch dim); cached
+    per (model, shape) while the module structure is unchanged (see module doc)."""
+    shape = tuple(int(s) for s in input_shape)
+    key = structure_key(model)
     per_model = _CACHE.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = _capture(model, key)
-    return per_model[key]
+    hit = per_model.get(shape)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    graph = _capture(model, shape)
+    check_capture(model, graph)
+    per_model[shape] = (key, graph)  # replaces a stale entry (frees the old modules)
+    return graph
+
+
+def _probe(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(2, *shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _float64_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        state[name] = t.detach().to(torch.float64) if t.is_floating_point() else t.detach().clone()
+    return state
+
+
+def check_capture(model: nn.Module, graph: Graph) -> None:
+    """Raise :class:`UnsupportedOperationError` unless ``graph.forward(x) == model(x)`` on a
+    seeded probe batch in [0, 1] (float64, eval semantics; the model is not changed).
+
+    Falls back to the model's own dtype (relative tolerance 1e-4) for models that cannot run
+    on float64 copies of their parameters.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x64 = _probe(graph.input_shape, torch.float64, device)
+    with eval_mode(model), torch.no_grad():
+        try:
+            ref = torch.func.functional_call(model, _float64_state(model), (x64,), strict=False)
+            got = graph.forward(x64)[graph.output]
+            rtol = 1e-6
+        except Exception:  # noqa: BLE001 - models that cannot run in float64: compare in their dtype
+            dtype = param.dtype if param is not None else torch.float32
+            x = x64.to(dtype)
+            ref = model(x)
+            got = graph.forward(x)[graph.output]
+            rtol = 1e-4
+    if not isinstance(ref, torch.Tensor) or ref.shape != got.shape:
+        raise UnsupportedOperationError(
+            f"captured graph of {type(model).__name__} does not reproduce the model's output shape")
+    ref, got = ref.to(torch.float64), got.to(torch.float64)
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    err = float((ref - got).abs().max()) if ref.numel() else 0.0
+    if not err <= rtol * (1.0 + scale):  # also catches NaN
+        raise UnsupportedOperationError(
+            f"captured graph of {type(model).__name__} differs from model(x) (max abs difference {err:.3g}): "
+            "data-dependent control flow or in-place operations are not supported")
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
@@ -49,14 +141,11 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        ShapeProp(gm).propagate(torch.zeros(2, *input_shape, dtype=dtype, device=device))
-    except Exception as e:  # noqa: BLE001
-        raise CertorchError(f"model does not accept inputs of shape {input_shape}: {str(e).splitlines()[0]}")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():  # no running-statistics updates; every flag restored
+        try:
+            ShapeProp(gm).propagate(_probe(input_shape, dtype, device))
+        except Exception as e:  # noqa: BLE001
+            raise CertorchError(f"model does not accept inputs of shape {input_shape}: {str(e).splitlines()[0]}")
 
     modules = dict(gm.named_modules())
     nodes: list[Node] = []
