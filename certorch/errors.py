@@ -19,3 +19,11 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`CertorchError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise CertorchError(message)
+
+
+class MemoryBudgetError(CertorchError):
+    """A computation would need more memory than its budget allows (raised before allocating)."""
+
+
+class DeadlineExceeded(CertorchError):
+    """A computation ran past the deadline it was given (checked between layers)."""

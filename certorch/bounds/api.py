@@ -1,12 +1,15 @@
 """Public bound API: ``ct.bound`` and ``ct.certified``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from certorch.bounds import memory
+from certorch.bounds.backward import row_numel
 from certorch.bounds.context import BoundContext
+from certorch.bounds.ibp import ibp_box
 from certorch.bounds.methods import check_slope, get_method, run_method
 from certorch.domains.box import Box
 from certorch.errors import CertorchError
@@ -18,6 +21,9 @@ from certorch.spec import check_eps, check_finite, linf_ball, margin_matrix
 class BoundResult:
     """Bounds on ``C @ f(x)`` over the input set: ``lower``/``upper`` of shape (B, S).
 
+    ``sound`` is False when the numbers are not guaranteed bounds of the model's (eval-mode)
+    function: Cauchy-projection estimates (``projections=r``) and bounds that use the batch's
+    own BatchNorm statistics (a model in training mode). Every consumer that certifies checks it.
     ``intermediate`` maps node names to the bounds of that node (per-layer access), filled
     when ``return_intermediate=True``; ``regions`` holds forward abstract values
     (zonotopes / symbolic intervals) by node name for the forward methods.
@@ -26,6 +32,7 @@ class BoundResult:
     lower: Tensor
     upper: Tensor | None  # None when bound() was called with upper=False (backward methods)
     method: str
+    sound: bool = True
     intermediate: dict[str, Box] = field(default_factory=dict)
     regions: dict[str, object] = field(default_factory=dict)
 
@@ -75,12 +82,19 @@ def bound(
     dtype: torch.dtype | None = None,
     return_intermediate: bool = False,
     generator: torch.Generator | None = None,
-    max_elements: int = 2**27,
+    max_elements: int | None = None,
+    memory_budget: int | None = None,
+    deadline: float | None = None,
     upper: bool = True,
     patches: bool = True,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
+
+    Modules are used in their current train/eval mode: BatchNorm in training mode normalizes
+    with the clean batch's statistics (training bounds, ``result.sound`` is False); for
+    certificates use :func:`certified` (always eval semantics, float64) or call this on a model
+    in eval mode.
 
     Args:
         x: (B, *input_shape) clean inputs (pixels in [0, 1]).
@@ -91,9 +105,17 @@ def bound(
         C: spec matrix (S, K) or (B, S, K); default identity (bounds on the logits).
         slope: ReLU lower slope for backward methods (``adaptive``, ``parallel``, ``zero``).
         projections: number of Cauchy random projections (``zonotope``/``dual``) for cheap
-            training estimates; NOT sound bounds. ``None``: exact.
+            training estimates; NOT sound bounds (``result.sound`` is False). ``None``: exact.
         dtype: compute in this dtype (e.g. torch.float64 for certification) without
             modifying the model.
+        max_elements: largest coefficient tensor of a backward pass (elements); default from
+            ``memory_budget``.
+        memory_budget: bytes the computation may allocate (default: half of the available
+            memory of x's device). Larger batches are processed in chunks of examples; a single
+            example that does not fit raises :class:`~certorch.errors.MemoryBudgetError` at
+            once, before allocating (see :mod:`certorch.bounds.memory`).
+        deadline: a ``time.perf_counter()`` value; past it the computation stops between two
+            layers with :class:`~certorch.errors.DeadlineExceeded`.
         upper: ``False`` when only lower bounds are needed (training losses, certification):
             backward methods then skip the upper bound (``result.upper`` is None).
         patches: backward passes that start at a conv map (CROWN intermediate bounds) keep
@@ -108,12 +130,14 @@ def bound(
     if projections is not None:
         if not m.supports_projections:
             raise CertorchError(f"projections are supported by methods zonotope and dual, not {m.name!r}")
-        if int(projections) < 1:
+        if isinstance(projections, bool) or int(projections) < 1:
             raise CertorchError(f"projections must be a positive integer, got {projections}")
     if not isinstance(x, Tensor):
         raise CertorchError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise CertorchError(f"x must have a batch dimension: shape (B, *input_shape), got {tuple(x.shape)}")
+    if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
+        raise CertorchError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     param = next(model.parameters(), None)
     dtype = dtype or (param.dtype if param is not None else x.dtype)
     x = x.to(dtype)
@@ -131,6 +155,8 @@ def bound(
         box = box.to(dtype)
     _check_params(model)
     graph = capture(model, tuple(x.shape[1:]))
+    budget = memory_budget if memory_budget is not None else memory.default_budget(x.device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     ctx = BoundContext(
         graph=graph,
         box=box,
@@ -140,18 +166,83 @@ def bound(
         slope=slope or m.slope,
         projections=projections,
         generator=generator,
-        max_elements=max_elements,
+        max_elements=max_elements or memory.max_elements_for(budget, itemsize),
         patches=patches,
+        memory_budget=budget,
+        deadline=deadline,
+        keep_regions=return_intermediate,
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
-    lower, up = run_method(m, ctx, spec, upper)
-    result = BoundResult(lower, up, m.name)
+    sound = projections is None and not _uses_batch_statistics(graph)
+    chunk = _plan_chunk(m, ctx, budget, itemsize, return_intermediate)
+    if chunk >= ctx.batch:
+        lower, up = run_method(m, ctx, spec, upper)
+        result = BoundResult(lower, up, m.name, sound)
+        if return_intermediate:
+            _expose(result, graph, [ctx])
+        return result
+    for n in graph.nodes:  # affine maps from the whole batch (train-mode BatchNorm statistics), shared
+        if n.is_affine:
+            ctx.affine_map(n.index)
+    lows, ups, subs = [], [], []
+    for s0 in range(0, ctx.batch, chunk):
+        sl = slice(s0, min(ctx.batch, s0 + chunk))
+        sub = replace(ctx, box=box[sl], x=x[sl], boxes={}, ibp_boxes={}, regions={}, forward_done=set(),
+                      _values=None, _maps=ctx._maps)
+        lo_c, up_c = run_method(m, sub, spec[sl], upper)
+        lows.append(lo_c)
+        ups.append(up_c)
+        subs.append(sub)
+    result = BoundResult(torch.cat(lows), torch.cat(ups) if upper or ups[0] is not None else None, m.name, sound)
     if return_intermediate:
-        names = {n.index: n.name for n in graph.nodes}
-        boxes = {**ctx.ibp_boxes, **ctx.boxes}
-        result.intermediate = {names[i]: b for i, b in sorted(boxes.items())}
-        result.regions = {names[i]: r for i, r in sorted(ctx.regions.items())}
+        _expose(result, graph, subs)
     return result
+
+
+def _uses_batch_statistics(graph) -> bool:
+    """True when some BatchNorm normalizes with the batch's statistics (training mode or no
+    running statistics): bounds of a batch-dependent function, not of the eval-mode model."""
+    for n in graph.nodes:
+        mod = getattr(n.op, "module", None)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
+            return True
+    return False
+
+
+def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool) -> int:
+    """Examples per chunk that fit the memory budget (see :mod:`certorch.bounds.memory`)."""
+    graph = ctx.graph
+    forward_kind = m.final if m.final in ("zonotope", "symbolic") else m.intermediate
+    per = torch.zeros(ctx.batch, dtype=torch.float64)
+    what = "spec rows"
+    if forward_kind in ("zonotope", "symbolic"):
+        with torch.no_grad():
+            ibp_ctx = replace(ctx, boxes={}, ibp_boxes={}, regions={}, forward_done=set(), _values=None,
+                              _maps=ctx._maps)
+            ibp_box(ibp_ctx, graph.output)
+        gens = memory.generator_counts(graph, ibp_ctx.ibp_boxes, forward_kind, ctx.projections)
+        per = memory.forward_peak(graph, gens, itemsize, graph.output, keep_all)
+        what = f"{forward_kind} coefficients"
+    if m.final == "backward" or m.intermediate == "crown":
+        targets = [n.inputs[0] for n in graph.activation_nodes()] if m.intermediate == "crown" else []
+        widest = max([row_numel(ctx, graph.output)] + [row_numel(ctx, t, ctx.patches) for t in targets])
+        per = torch.maximum(per, torch.full_like(per, float(memory.backward_peak(widest, itemsize))))
+    return memory.plan_batch(per, budget, m.name, what)
+
+
+def _expose(result: BoundResult, graph, ctxs: list[BoundContext]) -> None:
+    """Fill ``result.intermediate`` / ``regions`` from the contexts of the example chunks."""
+    names = {n.index: n.name for n in graph.nodes}
+    boxes = [{**c.ibp_boxes, **c.boxes} for c in ctxs]
+    for i in sorted(boxes[0]):
+        if all(i in b for b in boxes):
+            parts = [b[i] for b in boxes]
+            result.intermediate[names[i]] = parts[0] if len(parts) == 1 else Box(
+                torch.cat([p.lower for p in parts]), torch.cat([p.upper for p in parts]))
+    for i in sorted(ctxs[0].regions):
+        parts = [c.regions[i] for c in ctxs if i in c.regions]
+        if len(parts) == len(ctxs):
+            result.regions[names[i]] = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
 
 
 def certified(
@@ -162,24 +253,34 @@ def certified(
     method: str = "crown",
     lo: float | Tensor = 0.0,
     hi: float | Tensor = 1.0,
+    *,
+    dtype: torch.dtype = torch.float64,
     **kwargs,
 ) -> Tensor:
     """Bool (B,): the clean prediction is ``y`` and every margin lower bound is > 0.
 
-    Models with L_inf-dist layers are certified by their own rule (the margin certificate of
-    the 1-Lipschitz net, or IBP on the MLP head over the feature box), whatever ``method``.
+    Certificates use **eval semantics** (BatchNorm running statistics, no dropout; every
+    module's train/eval flag is restored afterwards and no running statistic changes) and
+    compute in **float64** by default (``dtype=torch.float32`` opts out: a float32 margin of
+    1e-7 is not a proof). Model families with their own certificate (L_inf-dist nets) are
+    certified by the certifier they register (:mod:`certorch.bounds.certifiers`), whatever
+    ``method``. Estimates (``projections=``) are refused.
     """
-    from certorch.nn.linf_dist_cert import certify as linf_certify
-    from certorch.nn.linf_dist_cert import is_linf_dist_model
+    from certorch.bounds.certifiers import find_certifier
+    from certorch.nn.mode import eval_mode
 
-    if is_linf_dist_model(model):
-        check_eps(eps)
-        return linf_certify(model, x, y, eps)
     if kwargs.get("projections") is not None:
         raise CertorchError("projections give estimates, not sound bounds: they cannot certify")
-    with torch.no_grad():
-        res = bound(model, x, eps, method=method, y=y, lo=lo, hi=hi, upper=False, **kwargs)
-        param = next(model.parameters(), None)
-        xx = x.to(param.dtype) if param is not None else x
-        clean = model(xx).argmax(dim=1) == y.to(x.device)
+    if not isinstance(y, Tensor) or not isinstance(x, Tensor) or y.shape != x.shape[:1]:
+        raise CertorchError("certified() needs x (B, ...) and labels y (B,) as tensors with matching batch size")
+    fam = find_certifier(model)
+    if fam is not None:
+        check_eps(eps)
+        return fam.margins(model, x, y, eps) > 0
+    with eval_mode(model), torch.no_grad():
+        res = bound(model, x, eps, method=method, y=y, lo=lo, hi=hi, upper=False, dtype=dtype, **kwargs)
+        if not res.sound:
+            raise CertorchError(f"method {res.method!r} gave estimates, not sound bounds: they cannot certify")
+        graph = capture(model, tuple(x.shape[1:]))
+        clean = graph.forward(x.to(dtype))[graph.output].flatten(1).argmax(dim=1) == y.to(x.device)
     return clean & (res.lower > 0).all(dim=1)

@@ -48,6 +48,7 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds) 
         Ai = coeffs.pop(i, None)
         if Ai is None:
             continue
+        ctx.tick()
         node = graph.nodes[i]
         if node.is_input:
             lower = input_lower(ctx, Ai)

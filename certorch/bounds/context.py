@@ -6,6 +6,7 @@ ever written onto modules.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from certorch.domains.box import Box
+from certorch.errors import DeadlineExceeded
 from certorch.graph.ir import Graph
 from certorch.ops.maps import AffineMap
 
@@ -29,9 +31,13 @@ class BoundContext:
     generator: torch.Generator | None = None
     max_elements: int = 2**27  # largest coefficient tensor a backward pass may build (chunks the spec)
     patches: bool = True  # window coefficients for intermediate bounds of conv maps (False: dense)
+    memory_budget: int | None = None  # bytes; forward interpreters check each node against it
+    deadline: float | None = None  # time.perf_counter() value; checked between nodes
+    keep_regions: bool = False  # keep every node's forward abstract value (return_intermediate)
     boxes: dict[int, Box] = field(default_factory=dict)  # bounds per node (the best known)
     ibp_boxes: dict[int, Box] = field(default_factory=dict)
     regions: dict[int, Any] = field(default_factory=dict)  # forward abstract values (zonotope/symbolic)
+    forward_done: set[int] = field(default_factory=set)  # nodes the forward interpreter has computed
     _values: list[Tensor] | None = None
     _maps: dict[int, AffineMap] = field(default_factory=dict)
 
@@ -44,6 +50,11 @@ class BoundContext:
         if self._values is None:
             self._values = self.graph.forward(self.x)
         return self._values
+
+    def tick(self) -> None:
+        """Raise :class:`DeadlineExceeded` once the deadline has passed (called between nodes)."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise DeadlineExceeded("bound computation ran past its deadline")
 
     def affine_map(self, idx: int) -> AffineMap:
         """The node's affine map (cached for this call)."""

@@ -9,6 +9,7 @@ from certorch.bounds.context import BoundContext
 from certorch.domains.box import Box
 from certorch.domains.symbolic import SymbolicInterval
 from certorch.domains.zonotope import Zonotope
+from certorch.bounds.memory import check_node
 from certorch.errors import UnsupportedOperationError
 
 
@@ -23,12 +24,18 @@ def symbolic_region(ctx: BoundContext, idx: int) -> SymbolicInterval:
 
 
 def _run(ctx: BoundContext, idx: int, make_input, relu_rule):
+    """Walk the ancestors of ``idx`` in topological order. A node's value is dropped once all its
+    users are computed (unless ``ctx.keep_regions``); each node's size is checked against the
+    memory budget before it is computed (:func:`certorch.bounds.memory.check_node`)."""
     if idx in ctx.regions:
         return ctx.regions[idx]
+    done = ctx.forward_done
     for i in ctx.graph.ancestors(idx):
-        if i in ctx.regions:
+        if i in ctx.regions or i in done:
             continue
+        ctx.tick()
         node = ctx.graph.nodes[i]
+        _check_memory(ctx, i)
         if node.is_input:
             region = make_input(ctx)
         elif node.is_affine:
@@ -43,25 +50,64 @@ def _run(ctx: BoundContext, idx: int, make_input, relu_rule):
         else:
             raise UnsupportedOperationError(f"node {node.name!r} ({node.op.kind}) is not supported")
         ctx.regions[i] = region
+        done.add(i)
+        if not ctx.keep_regions:
+            _release(ctx, node, done)
     return ctx.regions[idx]
+
+
+def _release(ctx: BoundContext, node, done: set) -> None:
+    """Drop the values of ``node``'s inputs whose users are all computed."""
+    for j in node.inputs:
+        if j in ctx.regions and all(u in done for u in ctx.graph.users[j]):
+            del ctx.regions[j]
+
+
+def _nbytes(region) -> int:
+    return sum(t.numel() * t.element_size() for t in region.tensors())
+
+
+def _check_memory(ctx: BoundContext, i: int) -> None:
+    """Estimate node ``i``'s value (as large as its largest input's, per neuron, plus one
+    block of new error terms for a ReLU) before computing it."""
+    if ctx.memory_budget is None:
+        return
+    node = ctx.graph.nodes[i]
+    if node.is_input:
+        per_neuron = ctx.projections or node.numel
+        item = ctx.box.lower.element_size()
+        new = 2 * ctx.batch * per_neuron * node.numel * item  # eye and its scaled copy
+    else:
+        ins = [ctx.regions[j] for j in node.inputs]
+        per_neuron = max(r.terms() for r in ins)
+        if node.is_activation and isinstance(ins[0], Zonotope):
+            pre = _pre_box(ctx, node.inputs[0], ins[0])
+            unstable = ((pre.lower < 0) & (pre.upper > 0)).flatten(1).any(0).sum()
+            per_neuron += ctx.projections or int(unstable)
+        item = ins[0].center.element_size()
+        new = ctx.batch * per_neuron * node.numel * item
+    live = sum(_nbytes(r) for r in ctx.regions.values())
+    check_node(ctx, i, new, live)
 
 
 def _zono_input(ctx: BoundContext) -> Zonotope:
     return Zonotope.from_box(ctx.box, ctx.projections, ctx.generator, block_id=0)
 
 
-def _record(ctx: BoundContext, idx: int, box: Box) -> Box:
-    ctx.boxes.setdefault(idx, box)
-    return box
+def _pre_box(ctx: BoundContext, idx: int, region) -> Box:
+    """Bounds of node ``idx`` from its region (computed once, recorded in ctx.boxes)."""
+    if idx not in ctx.boxes:
+        ctx.boxes[idx] = region.box()
+    return ctx.boxes[idx]
 
 
 def _zono_relu(ctx: BoundContext, i: int, z: Zonotope, node) -> Zonotope:
-    pre = _record(ctx, node.inputs[0], z.box())
+    pre = _pre_box(ctx, node.inputs[0], z)
     lam, mu = node.op.relaxation.deepz(pre.lower, pre.upper)
     return z.scale(lam, mu).add_block(i, mu, ctx.projections, ctx.generator)
 
 
 def _sym_relu(ctx: BoundContext, i: int, s: SymbolicInterval, node) -> SymbolicInterval:
-    pre = _record(ctx, node.inputs[0], s.box())
+    pre = _pre_box(ctx, node.inputs[0], s)
     slope, bias = node.op.relaxation.upper_line(pre.lower, pre.upper)
     return s.relu(slope, bias)

@@ -12,6 +12,7 @@ def ibp_box(ctx: BoundContext, idx: int) -> Box:
         return ctx.ibp_boxes[idx]
     for i in ctx.graph.ancestors(idx):
         if i not in ctx.ibp_boxes:
+            ctx.tick()
             ctx.ibp_boxes[i] = _ibp_node(ctx, i)
     return ctx.ibp_boxes[idx]
 

@@ -45,6 +45,28 @@ class SymbolicInterval:
     def box(self) -> Box:
         return Box(self.low.lower(), self.up.upper())
 
+    @property
+    def center(self) -> Tensor:
+        return self.low.const
+
+    def terms(self) -> int:
+        """Coefficients per neuron (lower and upper forms)."""
+        return 2 * self.low.coef.shape[1]
+
+    def tensors(self) -> list[Tensor]:
+        ts = [self.low.const, self.low.coef]
+        if self.up is not self.low:
+            ts += [self.up.const, self.up.coef]
+        return ts
+
+    @staticmethod
+    def cat(parts: list["SymbolicInterval"]) -> "SymbolicInterval":
+        """Concatenate symbolic intervals of example chunks along the batch."""
+        def form(fs: list[AffineForm]) -> AffineForm:
+            return AffineForm(torch.cat([f.const for f in fs]), torch.cat([f.coef for f in fs]))
+
+        return SymbolicInterval(form([p.low for p in parts]), form([p.up for p in parts]))
+
     def map(self, m: AffineMap, *others: "SymbolicInterval") -> "SymbolicInterval":
         ss = (self,) + others
         off = m.offset()

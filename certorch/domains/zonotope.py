@@ -36,6 +36,31 @@ class Zonotope:
     blocks: dict[int, Tensor]  # id -> (B, m, *shape)
     projected: frozenset = field(default_factory=frozenset)
 
+    def terms(self) -> int:
+        """Error terms (generators) per neuron."""
+        return sum(G.shape[1] for G in self.blocks.values())
+
+    def tensors(self) -> list[Tensor]:
+        return [self.center, *self.blocks.values()]
+
+    @staticmethod
+    def cat(parts: list["Zonotope"]) -> "Zonotope":
+        """Concatenate zonotopes of example chunks along the batch (blocks padded with zero generators)."""
+        ids = sorted({k for z in parts for k in z.blocks})
+        blocks = {}
+        for k in ids:
+            m = max(z.blocks[k].shape[1] for z in parts if k in z.blocks)
+            padded = []
+            for z in parts:
+                G = z.blocks.get(k)
+                if G is None:
+                    G = z.center.new_zeros(z.center.shape[0], m, *z.center.shape[1:])
+                elif G.shape[1] < m:
+                    G = torch.cat([G, G.new_zeros(G.shape[0], m - G.shape[1], *G.shape[2:])], 1)
+                padded.append(G)
+            blocks[k] = torch.cat(padded, 0)
+        return Zonotope(torch.cat([z.center for z in parts]), blocks, frozenset().union(*(z.projected for z in parts)))
+
     def radius(self) -> Tensor:
         r = torch.zeros_like(self.center)
         for k, G in self.blocks.items():

@@ -133,8 +133,9 @@ def check_capture(model: nn.Module, graph: Graph) -> None:
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     tracer = _LeafTracer()
+    root = nn.Sequential(model) if is_registered_module(model) else model  # a bare layer is one leaf
     try:
-        fx_graph = tracer.trace(model)
+        fx_graph = tracer.trace(root)
     except Exception as e:  # noqa: BLE001  (fx raises many types)
         raise UnsupportedOperationError(f"cannot trace {type(model).__name__} with torch.fx: {str(e).splitlines()[0]}")
     gm = torch.fx.GraphModule(tracer.root, fx_graph)

@@ -9,6 +9,13 @@
 * Net+MLP (Sec. 6): the backbone features move by at most ``delta = eps * L`` in L-inf, so
   interval bound propagation of the box ``features +- delta`` through the head (Appendix B,
   with the margin matrix merged into the last Linear, Eq. 21) certifies the composite net.
+  The head is bounded by the bound engine (``ct.bound(head, method="ibp")`` with an explicit
+  feature box), not by interval code of its own.
+
+:func:`certified_margins` is the one certifier of the family (float64, eval semantics, the
+caller's model untouched; finite ``p`` is refused, never approximated). It is registered with
+:mod:`certorch.bounds.certifiers`, so ``ct.certified`` and the verifier's ``linf`` stage both
+use it.
 """
 from __future__ import annotations
 
@@ -18,23 +25,27 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from certorch.bounds.certifiers import Certifier, register_certifier
+from certorch.domains.box import Box
 from certorch.errors import CertorchError
 from certorch.nn.linf_dist import Negate, _LInfDistBase, check_lipschitz_backbone, split_backbone_head
+from certorch.nn.mode import eval_mode
 from certorch.nn.normalize import Normalize
-from certorch.spec import check_eps, margin_matrix, margins
+from certorch.spec import check_eps, margins
 
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (mean shift uses running means) and restore the flags after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, t in flags:
-            m.training = t
+    """Run ``model`` in eval mode (mean shift uses running means), no grad; every flag restored."""
+    with eval_mode(model), torch.no_grad():
+        yield
+
+
+def _float64(module: nn.Module, *args: Tensor) -> Tensor:
+    """``module(*args)`` in float64 on float64 copies of its parameters and buffers (module untouched)."""
+    state = {n: (t.detach().to(torch.float64) if t.is_floating_point() else t.detach().clone())
+             for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+    return torch.func.functional_call(module, state, tuple(a.to(torch.float64) for a in args), strict=False)
 
 
 def lipschitz_factor(model: nn.Module) -> float:
@@ -89,14 +100,11 @@ def margin_certificate(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tens
     negation); x: (B, ...) pixels; y: (B,); eps: scalar or (B,). For a Net+MLP model use
     :func:`head_ibp_certificate` (or :func:`certify`, which picks the right rule).
     """
-    features, head, factor = _prepare(model, x, y, eps)
+    _, head = split_backbone_head(model)
     if not _is_lipschitz_head(head):
         raise CertorchError("margin_certificate needs a pure L_inf-dist net; this model has a conventional head "
                             "(use head_ibp_certificate or certify)")
-    with _eval_mode(model):
-        logits = model(x)
-    m = _top1_margin(logits, y)
-    return m > 2.0 * _eps_vector(eps, m) * factor
+    return certified_margins(model, x, y, eps) > 0
 
 
 def certified_radius(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -109,70 +117,61 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return (_top1_margin(logits, y) / (2.0 * factor)).clamp_min(0.0)
 
 
-def interval_forward(module: nn.Module, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """Interval bound propagation through Sequential / Linear / Tanh / ReLU / Sigmoid / Flatten / Identity / Negate.
-
-    ``lower``, ``upper``: (B, ...). Other modules raise :class:`CertorchError` (the full bound
-    engine handles more).
-    """
-    if isinstance(module, nn.Sequential):
-        for m in module:
-            lower, upper = interval_forward(m, lower, upper)
-        return lower, upper
-    if isinstance(module, nn.Linear):
-        mid, rad = (upper + lower) / 2, (upper - lower) / 2
-        c = nn.functional.linear(mid, module.weight, module.bias)
-        r = nn.functional.linear(rad, module.weight.abs())
-        return c - r, c + r
-    if isinstance(module, (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Flatten, nn.Identity)):
-        return module(lower), module(upper)  # monotone elementwise (or reshape)
-    if isinstance(module, Negate):
-        return -upper, -lower
-    raise CertorchError(f"interval_forward does not support {type(module).__name__} in a head")
-
-
 def head_margin_lower_bound(head: nn.Module, lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
     """Lower bounds (B, K-1) on ``z_y - z_j`` (j != y) for head inputs in ``[lower, upper]``.
 
-    IBP through every head layer but the last; when the last layer is a Linear, the margin
-    matrix is merged into it (Eq. 21), which is tighter than differencing logit intervals.
+    IBP through the head by the bound engine (``ct.bound(method="ibp")`` on the feature box),
+    which merges the margin matrix into a last Linear (Eq. 21: tighter than differencing logit
+    intervals). Differentiable w.r.t. the head's parameters and the box (training, Eq. 22);
+    computed in the dtype of ``lower``.
     """
-    layers = list(head) if isinstance(head, nn.Sequential) else [head]
-    if layers and isinstance(layers[-1], nn.Linear):
-        last = layers.pop()
-        lo, hi = interval_forward(nn.Sequential(*layers), lower, upper)
-        C = margin_matrix(y, last.out_features).to(lo.dtype)  # (B, K-1, K)
-        Wc = C @ last.weight  # (B, K-1, D)
-        bc = C @ last.bias if last.bias is not None else torch.zeros(Wc.shape[:2], dtype=lo.dtype, device=lo.device)
-        mid, rad = (hi + lo) / 2, (hi - lo) / 2
-        return torch.einsum("bsd,bd->bs", Wc, mid) + bc - torch.einsum("bsd,bd->bs", Wc.abs(), rad)
-    lo, hi = interval_forward(nn.Sequential(*layers), lower, upper)
-    C = margin_matrix(y, lo.shape[1]).to(lo.dtype)
-    return torch.einsum("bsk,bk->bs", C.clamp_min(0), lo) + torch.einsum("bsk,bk->bs", C.clamp_max(0), hi)
+    from certorch.bounds.api import bound
+
+    box = Box(lower, upper)
+    return bound(head, box.center, method="ibp", y=y, box=box, dtype=lower.dtype, upper=False).lower
 
 
 def head_ibp_certificate(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
     """Bool (B,): certified iff every margin lower bound is > 0 on the feature box.
 
     Features ``f = backbone(normalize(x))`` (eval mode) lie within ``+- eps * L`` of the
-    clean features under any ``||x' - x||_inf <= eps``; the head is bounded by IBP.
+    clean features under any ``||x' - x||_inf <= eps``; the head is bounded by IBP (float64).
+    """
+    return certified_margins(model, x, y, eps) > 0
+
+
+def certified_margins(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+    """Lower bounds (B,) float64 of ``min_j (z_y - z_j)`` over the L-inf ball of radius ``eps``.
+
+    Pure L_inf-dist net (Lipschitz head): ``clean top-1 margin - 2 eps L``. Net+MLP: IBP of the
+    head over the feature box ``f +- eps L``. Eval semantics and float64 throughout; the
+    caller's model (flags, parameters, running statistics) is not changed. Raises
+    :class:`CertorchError` for networks outside the family's guarantee (finite ``p``,
+    BatchNorm in the backbone): there is no fallback.
     """
     features, head, factor = _prepare(model, x, y, eps)
     with _eval_mode(model):
-        f = features(x).flatten(1)
+        f = _float64(features, x).flatten(1)
         delta = (_eps_vector(eps, f) * factor).unsqueeze(1)
-        lb = head_margin_lower_bound(head, f - delta, f + delta, y)
-    return (lb > 0).all(dim=1)
+        if _is_lipschitz_head(head):
+            logits = _float64(head, f)
+            return _top1_margin(logits, y) - 2.0 * delta.squeeze(1)
+        return head_margin_lower_bound(head, f - delta, f + delta, y).min(dim=1).values
 
 
 def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
-    """Bool (B,): the margin rule for pure L_inf-dist nets, head IBP for Net+MLP models."""
-    _, head = split_backbone_head(model)
-    if _is_lipschitz_head(head):
-        return margin_certificate(model, x, y, eps)
-    return head_ibp_certificate(model, x, y, eps)
+    """Bool (B,): every margin's certified lower bound is > 0 (so the clean prediction is ``y``).
+
+    The margin rule for pure L_inf-dist nets, head IBP for Net+MLP models (see
+    :func:`certified_margins`).
+    """
+    return certified_margins(model, x, y, eps) > 0
 
 
 def is_linf_dist_model(model: nn.Module) -> bool:
     """True when ``model`` contains L_inf-dist layers (then :func:`certify` is its certificate)."""
     return any(isinstance(m, _LInfDistBase) for m in model.modules())
+
+
+register_certifier(Certifier("linf_dist", is_linf_dist_model, certified_margins,
+                             "L_inf-dist nets: Lipschitz margin rule / head IBP over the feature box (p = inf only)"))
