@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from certorch.config import load_config
     from certorch.errors import CertorchError
     from certorch.train import Trainer, config_of_run
+    from certorch.train.checkpoint import CKPT_DIR, clean_stale_temporaries
+    from certorch.train.run import lock_run_dir
     from certorch.train.metrics import format_table
 
     config_path, overrides = split_items(args.items)
@@ -60,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else default_run_dir(cfg.name)
     if args.no_progress:
         cfg.progress = False
-    result = Trainer(cfg, run_dir, resume=bool(args.resume), data_dir=data_dir(args)).fit()
+    ddir = data_dir(args)
+    with lock_run_dir(run_dir):  # one training per run directory; a second one gets a one-line error
+        for folder in (run_dir, run_dir / CKPT_DIR):
+            clean_stale_temporaries(folder)  # left by a run killed mid-write
+        result = Trainer(cfg, run_dir, resume=bool(args.resume), data_dir=ddir).fit()
     final = result.summary["final"]
     cols = [c for c in ("epoch", "train_loss", "eval_loss", "nat_acc", "pgd_acc", "eval_eps") if c in final]
     print(format_table([final], cols))

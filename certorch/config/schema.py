@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from certorch.config.typed import apply_overrides, from_dict, to_dict
+from certorch.config.typed import apply_overrides, check_size, from_dict, to_dict
 from certorch.errors import CertorchError, require
 from certorch.spec import check_eps
 
@@ -33,6 +33,9 @@ __all__ = [
     "config_from_dict",
     "config_to_yaml",
 ]
+
+MAX_SEED = 2**63 - 1  # torch, numpy (seed mod 2^32) and python's random all accept it
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; refuse megabytes of YAML before parsing
 
 
 @dataclass
@@ -240,8 +243,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        require(0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2^63 - 1], got {self.seed}")
+        require(self.threads is None or 1 <= self.threads <= 4096, f"threads must be in [1, 4096], got {self.threads}")
         require(bool(self.name) and "/" not in self.name, f"name must be a non-empty file name, got {self.name!r}")
 
     @property
@@ -256,6 +259,7 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
         raise CertorchError("config must be a YAML mapping")
     raw = dict(data or {})
     apply_overrides(raw, overrides)
+    check_size(raw)
     return from_dict(TrainConfig, raw)
 
 
@@ -264,10 +268,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise CertorchError(f"config file not found: {p}")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise CertorchError(f"config {p} is too large ({p.stat().st_size} bytes; at most {MAX_CONFIG_BYTES})")
     try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, RecursionError):
+            first = "nested too deeply"
         raise CertorchError(f"cannot parse config {p}: {first}") from None
     if data is None:
         data = {}

@@ -22,7 +22,33 @@ from certorch.errors import CertorchError
 
 T = TypeVar("T")
 
-__all__ = ["from_dict", "to_dict", "parse_override", "apply_overrides", "set_dotted"]
+__all__ = ["from_dict", "to_dict", "parse_override", "apply_overrides", "set_dotted", "check_size"]
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # config integers must fit torch's int64
+MAX_NODES = 100_000  # values in one config, counting each use of a YAML alias
+MAX_DEPTH = 64
+
+
+def check_size(data: Any, where: str = "config") -> None:
+    """Refuse configs with more than :data:`MAX_NODES` values or nesting deeper than
+    :data:`MAX_DEPTH` (YAML aliases can make a small file expand exponentially or refer to
+    itself; both would otherwise hang or exhaust memory in the converter)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise CertorchError(f"{where} is too large: more than {MAX_NODES} values (YAML aliases expanded)")
+        if depth > MAX_DEPTH:
+            raise CertorchError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for k in node:
+                if not isinstance(k, (str, bool, float, type(None))) and not (isinstance(k, int) and INT_MIN <= k <= INT_MAX):
+                    raise CertorchError(f"{where} has a key that is not a string: {_short(k)}")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _join(path: str, key: str) -> str:
@@ -35,6 +61,15 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value cut to ``limit`` characters (error messages stay one short line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -56,11 +91,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, opt, path)
             except CertorchError as e:
                 errors.append(str(e))
-        raise CertorchError(errors[0] if len(errors) == 1 else f"config key {path!r} has an invalid value {value!r}")
+        raise CertorchError(errors[0] if len(errors) == 1 else f"config key {path!r} has an invalid value {_short(value)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise CertorchError(f"config key {path!r} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            raise CertorchError(f"config key {path!r} must be one of {', '.join(map(str, allowed))}; got {_short(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -70,7 +105,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise CertorchError(f"config key {path!r} must be a list, got {value!r}")
+            raise CertorchError(f"config key {path!r} must be a list, got {_short(value)}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
@@ -81,20 +116,22 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise CertorchError(f"config key {path!r} must be a mapping, got {value!r}")
+            raise CertorchError(f"config key {path!r} must be a mapping, got {_short(value)}")
         args = get_args(tp)
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, vt, _join(path, str(k))) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise CertorchError(f"config key {path!r} must be true or false, got {value!r}")
+        raise CertorchError(f"config key {path!r} must be true or false, got {_short(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise CertorchError(f"config key {path!r} must be an integer, got {value!r}")
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CertorchError(f"config key {path!r} must be an integer, got {_short(value)}")
+        if not INT_MIN <= value <= INT_MAX:
+            raise CertorchError(f"config key {path!r} is out of range (must fit in 64 bits), got {_short(value)}")
+        return value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out = float(value)
@@ -102,16 +139,16 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             try:  # YAML 1.1 reads "1e-3" as a string
                 out = float(value)
             except ValueError:
-                raise CertorchError(f"config key {path!r} must be a number, got {value!r}") from None
+                raise CertorchError(f"config key {path!r} must be a number, got {_short(value)}") from None
         else:
-            raise CertorchError(f"config key {path!r} must be a number, got {value!r}")
+            raise CertorchError(f"config key {path!r} must be a number, got {_short(value)}")
         if math.isnan(out):
             raise CertorchError(f"config key {path!r} must not be NaN")
         return out
     if tp is str:
         if isinstance(value, str):
             return value
-        raise CertorchError(f"config key {path!r} must be a string, got {value!r}")
+        raise CertorchError(f"config key {path!r} must be a string, got {_short(value)}")
     raise CertorchError(f"config key {path!r}: unsupported field type {_type_name(tp)}")  # pragma: no cover
 
 

@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import pickle
+import pickletools
 import zlib
 from pathlib import Path
 
@@ -20,19 +23,40 @@ from certorch.errors import CertorchError
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
+#: largest decompressed IDX file accepted (MNIST's biggest is 47 MB); a gzip bomb stops here
+MAX_DECOMPRESSED = 1 << 31
+
+
+def _read_raw(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CertorchError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _gunzip(raw: bytes, path: Path, limit: int | None = None) -> bytes:
+    """Decompress gzip ``raw`` (all members), refusing output beyond ``limit`` bytes
+    (default :data:`MAX_DECOMPRESSED`)."""
+    limit = MAX_DECOMPRESSED if limit is None else limit
+    out = io.BytesIO()
+    try:
+        while raw:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            chunk = d.decompress(raw, limit + 1 - out.tell())
+            out.write(chunk)
+            if out.tell() > limit or d.unconsumed_tail:
+                raise CertorchError(f"corrupt gzip file {path}: decompresses to more than {limit} bytes")
+            if not d.eof:
+                raise CertorchError(f"corrupt gzip file {path}: truncated")
+            raw = d.unused_data.lstrip(b"\x00")  # next member (gzip allows concatenation; skip padding)
+    except zlib.error as e:
+        raise CertorchError(f"corrupt gzip file {path}: {e}") from None
+    return out.getvalue()
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CertorchError(f"cannot read {path}: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":  # gzip
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise CertorchError(f"corrupt gzip file {path}: {e}") from None
-    return raw
+    raw = _read_raw(path)
+    return _gunzip(raw, path) if raw[:2] == b"\x1f\x8b" else raw
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
@@ -53,7 +77,7 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     if len(data) < header:
         raise CertorchError(f"corrupt IDX file {path}: truncated header")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # exact (python ints): a header cannot overflow its way past the check
     if len(data) - header != expected:
         raise CertorchError(
             f"corrupt IDX file {path}: header says {shape} ({expected} bytes) but {len(data) - header} bytes follow"
@@ -99,16 +123,39 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_pickle(path: str | Path) -> object:
-    """Unpickle a trusted-format dataset file allowing only numpy arrays (``encoding="bytes"``)."""
-    path = Path(path)
+def _check_opcodes(data: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes without executing them: every length field is checked against
+    the bytes actually present (``pickletools`` reads from memory and never allocates what a
+    length claims), so a 21-byte file claiming a 2^40-byte string is refused before the
+    unpickler would try to allocate it."""
     try:
-        with open(path, "rb") as f:
-            return _ArrayOnlyUnpickler(f, encoding="bytes").load()
-    except OSError as e:
-        raise CertorchError(f"cannot read {path}: {e.strerror or e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise CertorchError(f"corrupt pickle file {path}: {e}") from None
+        for _op, _arg, _pos in pickletools.genops(data):
+            pass
+    except Exception as e:  # noqa: BLE001  (ValueError on truncation/bad opcodes, others on garbage)
+        raise CertorchError(f"corrupt pickle file {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def load_pickle(path: str | Path) -> object:
+    """Unpickle a trusted-format dataset file allowing only numpy arrays (``encoding="bytes"``).
+
+    The opcodes are checked against the file's size first (:func:`_check_opcodes`); any
+    failure of the restricted unpickler is a one-line :class:`CertorchError`."""
+    path = Path(path)
+    data = _read_raw(path)
+    _check_opcodes(data, path)
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except MemoryError:
+        raise CertorchError(f"corrupt pickle file {path}: it asks for more memory than is available") from None
+    except RecursionError:
+        raise CertorchError(f"corrupt pickle file {path}: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001  (outside input: every failure is a corrupt file)
+        raise CertorchError(f"corrupt pickle file {path}: {_first_line(e)}") from None
 
 
 def _get(d: dict, key: str):
@@ -126,8 +173,16 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     data, labels = _get(obj, "data"), _get(obj, "labels")
     if data is None or labels is None:
         raise CertorchError(f"corrupt CIFAR batch {path}: missing 'data' or 'labels'")
-    data = np.asarray(data)
-    labels = np.asarray(labels, dtype=np.int64)
+    if not isinstance(data, np.ndarray):
+        raise CertorchError(f"corrupt CIFAR batch {path}: 'data' is a {type(data).__name__}, expected a uint8 array")
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        raise CertorchError(f"corrupt CIFAR batch {path}: 'labels' is a {type(labels).__name__}, expected a list of ints")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise CertorchError(f"corrupt CIFAR batch {path}: 'labels' must be integers")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (OverflowError, ValueError, TypeError):
+        raise CertorchError(f"corrupt CIFAR batch {path}: 'labels' must be integers in int64 range") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
         raise CertorchError(
             f"corrupt CIFAR batch {path}: data {data.dtype}{tuple(data.shape)}, labels {tuple(labels.shape)}; "

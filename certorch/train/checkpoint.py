@@ -10,14 +10,18 @@ One checkpoint of epoch ``e`` in ``RUN/checkpoints/`` is four files sharing the 
   last, so its presence marks a complete checkpoint; a crash mid-way leaves an
   incomplete checkpoint that is ignored, and the previous one stays usable.
 
-Every file is written to a temporary file in the same directory and moved into place
-with ``os.replace``. Loading verifies the hashes; a corrupt or inconsistent checkpoint
-raises a one-line :class:`CertorchError`.
+Every file is written to a temporary file in the same directory (``.NAME.XXXXXXXX.tmp``)
+and moved into place with ``os.replace``; a process killed mid-write leaves such a file,
+which :func:`clean_stale_temporaries` removes (the train command calls it on start and
+resume, under the run-directory lock, and :func:`prune_checkpoints` after each save).
+Loading verifies the hashes and the types of every metadata field; a corrupt or
+inconsistent checkpoint raises a one-line :class:`CertorchError`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -45,12 +49,17 @@ __all__ = [
     "resolve_checkpoint",
     "load_checkpoint",
     "load_train_state",
+    "clean_stale_temporaries",
 ]
 
 FORMAT = "certorch-checkpoint"
 VERSION = 1
 CKPT_DIR = "checkpoints"
 _STEM = re.compile(r"^ckpt-(\d+)$")
+#: temporaries of :func:`atomic_write_bytes`: ``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_FILE_KEYS = ("weights", "state", "state_json")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -78,6 +87,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def clean_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove temporaries left in ``folder`` by :func:`atomic_write_bytes` calls that never
+    finished (process killed mid-write); returns the removed paths.
+
+    Only names of the form ``.NAME.XXXXXXXX.tmp`` (this module's own pattern) are touched, and
+    only directly in ``folder``. Call it only while no other process writes into ``folder``
+    (the train command holds the run-directory lock when it does).
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for f in folder.iterdir():
+        if _TEMP.match(f.name) and f.is_file() and not f.is_symlink():
+            try:
+                f.unlink()
+                removed.append(f)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -122,15 +153,70 @@ def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[s
         raise CertorchError(f"corrupt checkpoint file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _load_json(path: Path, what: str) -> dict[str, Any]:
-    data = _read(path, what)
+def _parse_json(data: bytes, what: str, path: Path) -> Any:
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CertorchError(f"corrupt {what} {path}: {e}") from None
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        msg = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CertorchError(f"corrupt {what} {path}: {msg}") from None
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    obj = _parse_json(_read(path, what), what, path)
     if not isinstance(obj, dict):
-        raise CertorchError(f"corrupt {what} {path}: expected a JSON object")
+        raise CertorchError(f"corrupt {what} {path}: expected a JSON object, got {_json_type(obj)}")
     return obj
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _plain_name(v: Any) -> bool:
+    """A file name inside the checkpoint folder (no path separators, not a dot entry)."""
+    return isinstance(v, str) and bool(v) and v not in (".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+
+
+def check_meta(meta: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """Validate the types of a checkpoint's ``.json`` (written by :func:`save_checkpoint`).
+
+    ``format``/``version`` must name this format; ``epoch`` an integer >= 0; ``config`` and
+    ``metrics`` objects; ``files`` plain file names in the same folder; ``sha256`` an object
+    of 64-digit hex strings with at least the weights' hash. Returns ``meta``; raises one line.
+    """
+    def bad(msg: str) -> CertorchError:
+        return CertorchError(f"corrupt checkpoint metadata {where}: {msg}")
+
+    if meta.get("format") != FORMAT:
+        raise CertorchError(f"{where} is not a certorch checkpoint (format={meta.get('format')!r})")
+    version = meta.get("version")
+    if not _is_int(version) or not 1 <= version <= VERSION:
+        raise bad(f"'version' must be an integer in 1..{VERSION}, got {version!r}")
+    epoch = meta.get("epoch")
+    if not _is_int(epoch) or epoch < 0:
+        raise bad(f"'epoch' must be an integer >= 0, got {_json_type(epoch) if not _is_int(epoch) else epoch}")
+    for key in ("config", "metrics"):
+        if not isinstance(meta.get(key), dict):
+            raise bad(f"{key!r} must be an object, got {_json_type(meta.get(key))}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and _plain_name(v) for k, v in files.items()):
+        raise bad("'files' must be an object of file names in the checkpoint folder")
+    sha = meta.get("sha256")
+    if not isinstance(sha, dict) or not all(isinstance(v, str) and _SHA.match(v) for v in sha.values()):
+        raise bad("'sha256' must be an object of sha256 hex digests")
+    if "weights" not in sha:
+        raise bad("no sha256 of the weights")
+    return meta
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -144,15 +230,18 @@ class Checkpoint:
 
     @property
     def epoch(self) -> int:
-        return int(self.meta.get("epoch", 0))
+        e = self.meta.get("epoch", 0)
+        return e if _is_int(e) else 0
 
     @property
     def config(self) -> dict[str, Any]:
-        return dict(self.meta.get("config") or {})
+        c = self.meta.get("config")
+        return dict(c) if isinstance(c, dict) else {}
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return dict(self.meta.get("metrics") or {})
+        m = self.meta.get("metrics")
+        return dict(m) if isinstance(m, dict) else {}
 
 
 def _paths(folder: Path, stem: str) -> dict[str, Path]:
@@ -218,8 +307,10 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of older incomplete ones."""
+    """Delete all but the newest ``keep`` complete checkpoints, leftovers of older incomplete ones
+    and stale temporaries of killed writes (called by the single writer after each save)."""
     folder = Path(folder)
+    clean_stale_temporaries(folder)
     ckpts = list_checkpoints(folder)
     if not ckpts:
         return
@@ -275,10 +366,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     weights_path = resolve_checkpoint(path)
     meta_path = _meta_path(weights_path)
     if meta_path.is_file():
-        meta = _load_json(meta_path, "checkpoint metadata")
-        if meta.get("format") != FORMAT:
-            raise CertorchError(f"{meta_path} is not a certorch checkpoint (format={meta.get('format')!r})")
-        sha = (meta.get("sha256") or {}).get("weights")
+        meta = check_meta(_load_json(meta_path, "checkpoint metadata"), meta_path)
+        sha = meta["sha256"]["weights"]
     else:
         meta, sha = {}, None
     weights = load_tensors(weights_path, sha)
@@ -286,21 +375,46 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_train_state(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The training state (tensors, JSON) saved with ``ckpt``, hash-checked."""
-    sha = ckpt.meta.get("sha256") or {}
-    files = ckpt.meta.get("files") or {}
-    if "state" not in files or "state_json" not in files:
+    """The training state (tensors, JSON) saved with ``ckpt``, hash-checked and type-checked.
+
+    The JSON must be an object; where present, ``epoch`` is an integer >= 0 equal to the
+    checkpoint's, ``seconds`` a finite number >= 0, ``base_lrs`` a list of finite numbers,
+    ``optimizer``/``rng`` objects (their contents are checked when restored, see
+    :mod:`certorch.train.state`).
+    """
+    sha = ckpt.meta.get("sha256")
+    files = ckpt.meta.get("files")
+    if not isinstance(files, dict) or "state" not in files or "state_json" not in files:
         raise CertorchError(f"checkpoint {ckpt.path} has no training state to resume from")
+    if not isinstance(sha, dict) or "state" not in sha or "state_json" not in sha:
+        raise CertorchError(f"corrupt checkpoint metadata {ckpt.path}: no sha256 of the training state")
     folder = ckpt.path.parent
-    tensors = load_tensors(folder / files["state"], sha.get("state"))
-    raw = _read(folder / files["state_json"], "checkpoint state")
-    if sha.get("state_json") and _sha256(raw) != sha["state_json"]:
-        raise CertorchError(f"corrupt checkpoint: {folder / files['state_json']} does not match its recorded hash")
-    try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CertorchError(f"corrupt checkpoint state {folder / files['state_json']}: {e}") from None
-    return tensors, state
+    tensors = load_tensors(folder / files["state"], sha["state"])
+    sj_path = folder / files["state_json"]
+    raw = _read(sj_path, "checkpoint state")
+    if _sha256(raw) != sha["state_json"]:
+        raise CertorchError(f"corrupt checkpoint: {sj_path} does not match its recorded hash")
+    state = _parse_json(raw, "checkpoint state", sj_path)
+    return tensors, _check_state(state, sj_path, ckpt.epoch)
+
+
+def _check_state(state: Any, where: Path, epoch: int) -> dict[str, Any]:
+    def bad(msg: str) -> CertorchError:
+        return CertorchError(f"corrupt checkpoint state {where}: {msg}")
+
+    if not isinstance(state, dict):
+        raise bad(f"expected a JSON object, got {_json_type(state)}")
+    if "epoch" in state and (not _is_int(state["epoch"]) or state["epoch"] != epoch):
+        raise bad(f"'epoch' must be the checkpoint's epoch {epoch}, got {state['epoch']!r}")
+    if "seconds" in state and (not _is_number(state["seconds"]) or state["seconds"] < 0):
+        raise bad(f"'seconds' must be a finite number >= 0, got {state['seconds']!r}")
+    lrs = state.get("base_lrs", [])
+    if not isinstance(lrs, list) or not all(_is_number(v) for v in lrs):
+        raise bad("'base_lrs' must be a list of finite numbers")
+    for key in ("optimizer", "rng"):
+        if key in state and not isinstance(state[key], dict):
+            raise bad(f"{key!r} must be an object, got {_json_type(state[key])}")
+    return state
 
 
 def load_weights_into(model: nn.Module, weights: dict[str, Tensor], source: str | Path = "checkpoint") -> None:

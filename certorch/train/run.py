@@ -1,10 +1,19 @@
-"""Open a finished (or running) run: the resolver used by ``attack``, ``certify``, ``report``.
+"""Open a finished (or running) run: the resolver used by ``attack``, ``certify``, ``report``;
+and the run-directory lock that keeps two trainings out of one directory.
 
     run = load_run("runs/digits_demo-20250101-120000")   # or a ckpt-*.safetensors file
     run.model(x)                                          # eval mode, on the requested device
+
+    with lock_run_dir("runs/try"):                        # what `certorch train` does
+        Trainer(cfg, "runs/try").fit()
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +25,7 @@ from certorch.config.schema import TrainConfig, config_from_dict
 from certorch.errors import CertorchError
 from certorch.train.checkpoint import CKPT_DIR, Checkpoint, load_checkpoint, load_weights_into, resolve_checkpoint
 
-__all__ = ["LoadedRun", "load_run", "load_model", "run_dir_of"]
+__all__ = ["LoadedRun", "load_run", "load_model", "run_dir_of", "lock_run_dir", "run_lock_path"]
 
 
 @dataclass
@@ -65,3 +74,64 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     return load_run(path, device).model
 
 
+
+
+# ---------------------------------------------------------------------------- run-directory lock
+def run_lock_path(run_dir: str | Path) -> Path:
+    """The lock file of ``run_dir``: ``.NAME.lock`` beside it (not inside, so a fresh run
+    directory stays empty until the trainer writes into it)."""
+    p = Path(run_dir).resolve()
+    return p.with_name(f".{p.name or 'root'}.lock")
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[0] if text else "unknown process"
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` for the block (``fcntl.flock`` on
+    :func:`run_lock_path`, which records ``pid=... host=...``).
+
+    A second holder gets a one-line :class:`CertorchError` naming the first. The kernel drops
+    the lock when its process dies, so a lock file left by a killed run never blocks. The
+    file is removed on exit; a holder that opened it just before removal notices (the path no
+    longer names its file) and retries. Without ``fcntl`` (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield run_lock_path(run_dir)
+        return
+    path = run_lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise CertorchError(
+                f"run directory {run_dir} is in use by another certorch run ({holder}); wait for it to finish or use another --out"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and flock
+    try:
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since={stamp}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still holding the lock (see docstring)
+        os.close(fd)

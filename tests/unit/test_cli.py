@@ -169,3 +169,41 @@ def test_attack_robust_accuracy_never_above_natural(run_dir, capsys, monkeypatch
     nat, rob = float(row["natural_acc"]), float(row["robust_acc"])
     assert nat < 1.0  # some clean errors exist, so the old accounting would report rob > nat
     assert rob <= nat
+
+
+def test_train_seed_beyond_64_bits_is_one_line_error(tmp_path, capsys):
+    line = error_line(capsys, ["train", str(ROOT / "configs" / "digits_pgd.yaml"), f"seed={2**70}", "--out", str(tmp_path / "r")])
+    assert "'seed'" in line and "out of range" in line
+
+
+def _copy_run(run_dir, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(run_dir, dst)
+    metas = [p for p in (dst / "checkpoints").glob("ckpt-*.json") if not p.name.endswith(".state.json")]
+    return dst, sorted(metas)[-1]
+
+
+@pytest.mark.parametrize("key, value", [("config", "hello"), ("epoch", "x"), ("sha256", [])])
+def test_checkpoint_metadata_of_wrong_type_is_one_line_error(run_dir, capsys, tmp_path, key, value):
+    import json
+
+    run, meta_path = _copy_run(run_dir, tmp_path)
+    meta = json.loads(meta_path.read_text())
+    meta[key] = value
+    meta_path.write_text(json.dumps(meta))
+    assert "corrupt checkpoint metadata" in error_line(capsys, ["attack", str(run), "--eps", "0.1", "--n", "4"])
+    assert "corrupt checkpoint metadata" in error_line(capsys, ["train", "--resume", str(run), "epochs=3"])
+
+
+def test_resume_with_state_json_list_is_one_line_error(run_dir, capsys, tmp_path):
+    import hashlib
+    import json
+
+    run, meta_path = _copy_run(run_dir, tmp_path)
+    meta = json.loads(meta_path.read_text())
+    (meta_path.parent / meta["files"]["state_json"]).write_text("[]")
+    meta["sha256"]["state_json"] = hashlib.sha256(b"[]").hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    assert "expected a JSON object, got a list" in error_line(capsys, ["train", "--resume", str(run), "epochs=3"])

@@ -93,3 +93,55 @@ def test_demo_config_matches_yaml():
     from certorch.cli.demo import DEMO_CONFIG
 
     assert load_config(ROOT / "configs" / "digits_demo.yaml") == config_from_dict(DEMO_CONFIG)
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, 10**24, -1])
+def test_seed_outside_range_refused(seed):
+    with pytest.raises(CertorchError, match="seed") as e:
+        config_from_dict({"seed": seed})
+    assert "\n" not in str(e.value)
+
+
+def test_largest_seed_accepted_and_seeds_everything():
+    from certorch.train.state import seed_everything
+
+    cfg = config_from_dict({"seed": 2**63 - 1})
+    seed_everything(cfg.seed)
+
+
+@pytest.mark.parametrize("override", ["batch_size=1e30", "eval.size=" + "9" * 40, "threads=100000"])
+def test_integers_beyond_64_bits_or_sane_range_refused(override):
+    with pytest.raises(CertorchError):
+        config_from_dict({}, [override])
+
+
+def test_huge_int_in_message_stays_one_short_line():
+    with pytest.raises(CertorchError) as e:
+        config_from_dict({"epochs": 10**5000})
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_yaml_alias_bomb_refused_quickly(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]"
+              for i in range(1, 9)]
+    text = "method:\n  name: pgd\n  params:\n" + "".join(f"    {ln}\n" for ln in lines)
+    with pytest.raises(CertorchError, match="too large"):
+        load_config(write(tmp_path, text))
+
+
+def test_self_referential_yaml_refused(tmp_path):
+    with pytest.raises(CertorchError, match="nested more than|too large"):
+        load_config(write(tmp_path, "method:\n  params:\n    loop: &l [*l]\n"))
+
+
+def test_deeply_nested_yaml_is_one_line_error(tmp_path):
+    with pytest.raises(CertorchError) as e:
+        load_config(write(tmp_path, "model:\n  kwargs:\n    x: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert "\n" not in str(e.value)
+
+
+def test_oversized_config_file_refused(tmp_path):
+    p = write(tmp_path, "# " + "x" * (2 << 20) + "\nepochs: 1\n")
+    with pytest.raises(CertorchError, match="too large"):
+        load_config(p)

@@ -298,3 +298,50 @@ def test_docs_example_runs():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/data.md", "exec"), {})
+
+
+def test_cifar_pickle_claiming_2_40_bytes_is_refused_before_allocating(tmp_path):
+    """21 bytes: PROTO 4, BINBYTES8 with length 2^40, 10 bytes of payload (was a MemoryError)."""
+    import struct
+
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"0123456789")
+    assert p.stat().st_size == 21
+    with pytest.raises(CertorchError, match="corrupt pickle file") as e:
+        read_cifar_batch(p)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("labels", [[b"x"] * 2, [10**30, 1], "ab", [1.5, 2.0], None])
+def test_cifar_labels_of_wrong_type_rejected(tmp_path, labels):
+    p = tmp_path / "test_batch"
+    with open(p, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f, protocol=2)
+    with pytest.raises(CertorchError, match="corrupt CIFAR batch"):
+        read_cifar_batch(p)
+
+
+def test_idx_header_whose_size_overflows_int64_rejected(tmp_path):
+    """Dimensions whose product wraps around in int64 must not slip past the size check."""
+    p = tmp_path / "x.idx"
+    dims = [769546, 494770, 48448661]  # product 2^64 + 4: wraps to 4 in int64
+    p.write_bytes((2051).to_bytes(4, "big") + np.asarray(dims, ">u4").tobytes() + b"\x00" * 4)
+    with pytest.raises(CertorchError, match="header says"):
+        read_idx(p, 2051)
+
+
+def test_idx_gzip_bomb_stops_at_the_limit(tmp_path, monkeypatch):
+    import certorch.data.formats as fmt
+
+    monkeypatch.setattr(fmt, "MAX_DECOMPRESSED", 10_000)
+    p = tmp_path / "bomb-idx1-ubyte.gz"
+    p.write_bytes(gzip.compress((2049).to_bytes(4, "big") + (100_000).to_bytes(4, "big") + bytes(100_000)))
+    with pytest.raises(CertorchError, match="decompresses to more than 10000 bytes"):
+        read_idx(p, 2049)
+
+
+def test_idx_multi_member_gzip_still_reads(tmp_path):
+    p = tmp_path / "labels-idx1-ubyte.gz"
+    payload = (2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([1, 2, 3])
+    p.write_bytes(gzip.compress(payload[:5]) + gzip.compress(payload[5:]))
+    assert read_idx(p, 2049).tolist() == [1, 2, 3]
