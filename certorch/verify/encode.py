@@ -4,7 +4,8 @@ One example at a time, float64 numpy throughout. Every graph node gets a vector 
 indices (``var_of[node]``, flat, per-example numel):
 
 * input: variables bounded by the input box;
-* affine node: new variables ``z`` (bounded by the node's known box, if any) and equality rows
+* affine node: new variables ``z`` (bounded by the node's known box, else by interval arithmetic
+  on its inputs' variable bounds, widened by a float64 rounding bound) and equality rows
   ``z - L(x_1, ..., x_k) = offset`` with the map's linear part as a sparse matrix (extracted
   block-wise from ``AffineMap.apply`` with identity batches: vectorized, no per-coefficient
   loop); a pure reshape reuses its input's variables;
@@ -14,6 +15,9 @@ indices (``var_of[node]``, flat, per-example numel):
   line ``y <= s z + b`` (``s, b = relu.upper_line(l, u)``); selected unstable neurons also get a
   binary ``a`` with the big-M rows ``y <= z - l (1 - a)`` and ``y <= u a`` (Tjeng et al.).
 
+Every variable has finite bounds (given or implied), which the solver-result interpretation
+(:mod:`certorch.verify.solve`) needs for its weak-duality bound.
+
 Which unstable neurons get binaries: ``binaries=None`` -> none (the LP relaxation),
 ``"all"`` -> every unstable neuron (complete MILP), an int ``N`` -> the ``N`` most important
 unstable neurons of each ReLU layer (COLT / MAAR style refinement), ranked by the area-like
@@ -21,13 +25,14 @@ score ``-l u / (u - l)`` (the largest vertical gap of the triangle).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy import sparse
 
-from certorch.errors import UnsupportedOperationError
+from certorch.errors import DeadlineExceeded, UnsupportedOperationError
 from certorch.graph.ir import Graph
 from certorch.ops.maps import AffineMap, ReshapeMap
 from certorch.relax import relu as relu_relax
@@ -80,6 +85,7 @@ class _Builder:
         self.rhi: list[np.ndarray] = []
         self.m = 0
         self.integer: list[np.ndarray] = []
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None
         self.zero = self.add_vars(np.zeros(1), np.zeros(1))[0]  # the shared constant-0 variable
 
     def add_vars(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -87,7 +93,14 @@ class _Builder:
         self.lower.append(np.asarray(lo, dtype=np.float64))
         self.upper.append(np.asarray(hi, dtype=np.float64))
         self.n += lo.shape[0]
+        self._flat = None
         return idx
+
+    def bounds_of(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Current (lower, upper) bounds of variables ``idx``."""
+        if self._flat is None:
+            self._flat = (np.concatenate(self.lower), np.concatenate(self.upper))
+        return self._flat[0][idx], self._flat[1][idx]
 
     def add_rows(self, r: np.ndarray, c: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
         """Rows numbered 0..len(lo)-1 locally (``r``), shifted to global numbers here."""
@@ -159,16 +172,20 @@ def encode(
     input_upper: np.ndarray,
     bounds: dict[int, tuple[np.ndarray, np.ndarray]],
     binaries: str | int | None = None,
+    deadline: float | None = None,
 ) -> Encoding:
     """Encode ``graph`` on the input box (flat float64 arrays) with per-node bounds.
 
     ``bounds[i] = (l, u)``: flat float64 bounds of node ``i`` (needed for the input node of
-    every ReLU; optional elsewhere, where they only tighten the variable bounds).
+    every ReLU; optional elsewhere, where they only tighten the variable bounds). ``deadline``:
+    a ``time.perf_counter()`` value checked between nodes (``DeadlineExceeded`` past it).
     """
     b = _Builder()
     var_of: dict[int, np.ndarray] = {0: b.add_vars(input_lower.astype(np.float64), input_upper.astype(np.float64))}
     unstable_count: dict[int, int] = {}
     for node in graph.nodes[1:]:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise DeadlineExceeded(f"the LP/MILP encoding ran past its deadline at node {node.name!r}")
         if node.is_affine:
             var_of[node.index] = _encode_affine(b, graph, node, var_of, bounds.get(node.index))
         elif node.is_activation and node.op.kind == "relu":
@@ -189,20 +206,44 @@ def _encode_affine(b: _Builder, graph: Graph, node, var_of, box) -> np.ndarray:
     if isinstance(amap, ReshapeMap):
         return var_of[node.inputs[0]]
     n_out = node.numel
-    lo, hi = (np.full(n_out, -INF), np.full(n_out, INF)) if box is None else box
-    z = b.add_vars(lo, hi)
     in_shapes = [graph.nodes[i].shape for i in node.inputs]
-    rows, cols, vals = [np.arange(n_out)], [z], [np.ones(n_out)]
-    for k, src in enumerate(node.inputs):
-        W = sparse_linear_part(amap, in_shapes, k)
-        rows.append(W.row.astype(np.int64))
-        cols.append(var_of[src][W.col])
-        vals.append(-W.data)
+    Ws = [sparse_linear_part(amap, in_shapes, k) for k in range(len(node.inputs))]
     off = amap.offset()
     rhs = np.zeros(n_out) if off is None else torch.broadcast_to(
         off.to(torch.float64).detach(), node.shape).reshape(-1).numpy().copy()
+    lo, hi = interval_bounds(b, Ws, [var_of[s] for s in node.inputs], rhs) if box is None else box
+    z = b.add_vars(lo, hi)
+    rows, cols, vals = [np.arange(n_out)], [z], [np.ones(n_out)]
+    for W, src in zip(Ws, node.inputs):
+        rows.append(W.row.astype(np.int64))
+        cols.append(var_of[src][W.col])
+        vals.append(-W.data)
     b.add_rows(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), rhs, rhs)
     return z
+
+
+def interval_bounds(b: _Builder, Ws: list, srcs: list[np.ndarray], offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Interval bounds (lo, hi) of ``sum_k W_k v_k + offset`` from the variables' bounds, widened by
+    ``(n + 2) 2^-52 sum_k |W_k| max(|l_k|, |u_k|) + |offset|`` so float64 rounding cannot make them
+    tighter than the exact interval."""
+    lo, hi, mag = offset.copy(), offset.copy(), np.abs(offset)
+    n = 0
+    for W, src in zip(Ws, srcs):
+        W = W.tocsr()
+        l, u = b.bounds_of(src)
+        pos, neg = W.maximum(0), W.minimum(0)
+        pos.eliminate_zeros()
+        neg.eliminate_zeros()
+        with np.errstate(invalid="ignore"):
+            lo = lo + pos @ l + neg @ u
+            hi = hi + pos @ u + neg @ l
+            mag = mag + abs(W) @ np.maximum(np.abs(l), np.abs(u))
+        n += W.shape[1]
+    widen = (n + 2) * 2.0 ** -52 * mag
+    lo, hi = lo - widen, hi + widen
+    lo[np.isnan(lo)] = -INF
+    hi[np.isnan(hi)] = INF
+    return lo, hi
 
 
 def _encode_relu(b: _Builder, z: np.ndarray, l: np.ndarray, u: np.ndarray, binaries) -> tuple[np.ndarray, int]:
@@ -264,5 +305,14 @@ def region_objective(
     A = sparse.vstack([sparse.hstack([enc.A, sparse.csr_matrix((enc.A.shape[0], 1))]), extra], format="csr")
     cost = np.zeros(n + 1)
     cost[t] = 1.0
+    # t's implied bounds: max over the rows of the interval of C_r f + d_r (widened for rounding)
+    l, u = enc.col_lower[out_vars], enc.col_upper[out_vars]
+    Cp, Cn = np.maximum(C, 0), np.minimum(C, 0)
+    with np.errstate(invalid="ignore"):
+        row_lo, row_hi = Cp @ l + Cn @ u + d, Cp @ u + Cn @ l + d
+        widen = (out_vars.size + 2) * 2.0 ** -52 * (np.abs(C) @ np.maximum(np.abs(l), np.abs(u)) + np.abs(d))
+    t_lo, t_hi = float(np.max(row_lo - widen)), float(np.max(row_hi + widen))
+    t_lo = -INF if np.isnan(t_lo) else t_lo
+    t_hi = INF if np.isnan(t_hi) else t_hi
     return (A, np.concatenate([enc.row_lower, d]), np.concatenate([enc.row_upper, np.full(R, INF)]),
-            np.append(enc.col_lower, -INF), np.append(enc.col_upper, INF), cost, 0.0, t)
+            np.append(enc.col_lower, t_lo), np.append(enc.col_upper, t_hi), cost, 0.0, t)

@@ -1,9 +1,13 @@
-"""The triangle LP relaxation as an incomplete verification stage.
+"""The triangle LP relaxation as an incomplete verification stage, and the per-example encoding
+helpers shared with the MILP stage.
 
 Per example: encode the network with the per-node CROWN bounds (``certorch.verify.encode``,
-no binaries) and minimize each not-yet-proven region value with HiGHS. The LP optimum is a
-lower bound of the region value at least as tight as CROWN with the same intermediate bounds.
-The LP's optimal input point is also tried as a counterexample (rechecked by the pipeline).
+no binaries) and minimize each not-yet-proven region value with HiGHS
+(:func:`certorch.verify.solve.minimize_region`). The lower bound kept is the weak-duality bound
+recomputed from the LP's duals (never the primal objective), so it is a valid bound whatever
+HiGHS's tolerances did; a region counts as proven only when that bound exceeds its rounding
+margin. An infeasible LP is an ``ERROR`` (the input box is not empty). The LP's optimal input
+point is also tried as a counterexample (rechecked by the pipeline).
 """
 from __future__ import annotations
 
@@ -13,19 +17,21 @@ import time
 import numpy as np
 import torch
 
+from certorch.errors import DeadlineExceeded
 from certorch.graph.capture import capture
 from certorch.verify.encode import Encoding, encode
-from certorch.verify.milp import minimize_region
 from certorch.verify.results import Verdict
+from certorch.verify.solve import SolveResult, minimize_region
 from certorch.verify.stages import Problem, Stage, StageOutput, float64_forward, node_bounds
 
 
-def example_encoding(problem: Problem, i: int, binaries: str | int | None) -> Encoding:
+def example_encoding(problem: Problem, i: int, binaries: str | int | None, deadline: float = math.inf) -> Encoding:
     """Encoding of example ``i`` of ``problem`` (CROWN node bounds, float64)."""
     graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
     lo = problem.box.lower[i].detach().to(torch.float64).flatten().cpu().numpy()
     hi = problem.box.upper[i].detach().to(torch.float64).flatten().cpu().numpy()
-    return encode(graph, lo, hi, node_bounds(problem, i), binaries)
+    return encode(graph, lo, hi, node_bounds(problem, i, deadline), binaries,
+                  deadline=deadline if math.isfinite(deadline) else None)
 
 
 def region_spec(problem: Problem, i: int, g: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,34 +42,40 @@ def region_spec(problem: Problem, i: int, g: int) -> tuple[np.ndarray, np.ndarra
     return C, d
 
 
-def lp_region_bounds(problem: Problem, i: int, time_limit: float = math.inf, stop_at_first_fail: bool = False):
-    """LP lower bounds (R,) of example ``i``'s region values and the LP input points per region.
+def solve_regions(problem: Problem, i: int, binaries: str | int | None, deadline: float, *, integer: bool,
+                  mip_rel_gap: float = 1e-4, stop_below: float = 1e-6):
+    """Minimize every not-yet-proven region value of example ``i``, least proven first.
 
-    Regions already proven positive are skipped (their known bound is kept).
+    Yields ``(g, SolveResult)``; a positive result raises the stored region bound. The caller
+    stops iterating when it has its answer.
     """
-    enc = example_encoding(problem, i, None)
     graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
+    enc = example_encoding(problem, i, binaries, deadline)
     known = problem.region_lb(i)
-    lbs, points = known.copy(), {}
-    t0 = time.perf_counter()
     for g in np.argsort(known, kind="stable"):
         if known[g] > 0:
             continue
         C, d = region_spec(problem, i, int(g))
-        left = time_limit - (time.perf_counter() - t0)
-        out = minimize_region(enc, enc.var_of[graph.output], C, d, integer=False, time_limit=min(left, 1e6),
-                              threads=problem.threads, tol=math.inf)
-        if out.status == "infeasible":
-            lbs[g] = math.inf
-        elif out.status in ("optimal", "positive"):
-            lbs[g] = max(lbs[g], out.lower)
-        if out.point is not None:
-            points[int(g)] = out.point
-        if out.status == "timeout":
-            return lbs, points, True
-        if stop_at_first_fail and lbs[g] <= 0:
-            break
-    return lbs, points, False
+        out = minimize_region(enc, enc.var_of[graph.output], C, d, integer=integer,
+                              time_limit=min(deadline - time.perf_counter(), 1e6), threads=problem.threads,
+                              mip_rel_gap=mip_rel_gap, stop_below=stop_below, log=problem.solver_log)
+        if out.outcome == "positive":
+            known[g] = max(known[g], out.lower)
+        elif not integer and out.outcome != "error":  # a valid LP bound, but not a proof: kept <= 0
+            known[g] = max(known[g], min(out.lower, 0.0))
+        yield int(g), out, enc
+
+
+def try_points(problem: Problem, i: int, points: list[np.ndarray]) -> torch.Tensor | None:
+    """The first of the solver's input points (clipped into the box) with a float64 value <= 0."""
+    if not points:
+        return None
+    shape = problem.box.lower.shape[1:]
+    xs = torch.stack([torch.from_numpy(p).view(shape) for p in points])
+    xs = torch.minimum(torch.maximum(xs, problem.box.lower[i]), problem.box.upper[i])
+    v = problem.values(float64_forward(problem, xs), torch.full((xs.shape[0],), i)).amin(dim=1)
+    k = int(v.argmin())
+    return xs[k] if float(v[k]) <= 0 else None
 
 
 class LPStage(Stage):
@@ -73,22 +85,41 @@ class LPStage(Stage):
     batched = False
 
     def run(self, problem, idx, budget):
-        verdicts, lower, cex, secs, tout = [], [], {}, [], []
+        verdicts, lower, cex, secs, tout, msgs = [], [], {}, [], [], {}
         for pos, i in enumerate(idx.tolist()):
             t0 = time.perf_counter()
-            lbs, points, timed_out = lp_region_bounds(problem, i, float(budget[pos]), stop_at_first_fail=True)
-            np.maximum(problem.region_lb(i), lbs, out=problem.region_lb(i))
-            lb = float(problem.region_lb(i).min())
-            verdict = Verdict.VERIFIED if lb > 0 else None
-            if verdict is None and points:
-                shape = problem.box.lower.shape[1:]
-                xs = torch.stack([torch.from_numpy(p).view(shape) for p in points.values()])
-                xs = torch.minimum(torch.maximum(xs, problem.box.lower[i]), problem.box.upper[i])
-                v = problem.values(float64_forward(problem, xs), torch.full((xs.shape[0],), i)).amin(dim=1)
-                if float(v.min()) <= 0:
-                    verdict, cex[pos] = Verdict.FALSIFIED, xs[int(v.argmin())]
+            verdict, point, timed_out, msg = self._one(problem, i, t0 + float(budget[pos]))
+            if point is not None:
+                cex[pos] = point
+            if msg:
+                msgs[pos] = msg
             verdicts.append(verdict)
-            lower.append(lb)
+            lower.append(float(problem.region_lb(i).min()))
             secs.append(time.perf_counter() - t0)
             tout.append(timed_out)
-        return StageOutput(verdicts, torch.tensor(lower, dtype=torch.float64), cex, secs, tout)
+        return StageOutput(verdicts, torch.tensor(lower, dtype=torch.float64), cex, secs, tout, msgs)
+
+    def _one(self, problem: Problem, i: int, deadline: float):
+        try:
+            return self._solve(problem, i, deadline)
+        except DeadlineExceeded as e:
+            return None, None, True, f"lp: {e}"
+
+    def _solve(self, problem: Problem, i: int, deadline: float):
+        points = []
+        for g, out, _ in solve_regions(problem, i, None, deadline, integer=False):
+            if out.outcome == "error":
+                return Verdict.ERROR, None, False, f"lp: region {g}: {out.reason}"
+            if out.point is not None:
+                points.append(out.point)
+            if out.outcome == "timeout":
+                return None, None, True, ""
+            if out.outcome != "positive":
+                break  # one region the LP cannot prove is enough to stop
+        if (problem.region_lb(i) > 0).all():
+            return Verdict.VERIFIED, None, False, ""
+        x = try_points(problem, i, points)
+        return (Verdict.FALSIFIED, x, False, "") if x is not None else (None, None, False, "")
+
+
+__all__ = ["LPStage", "SolveResult", "example_encoding", "region_spec", "solve_regions", "try_points"]

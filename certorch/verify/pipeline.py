@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Sequence, TextIO
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from certorch.domains.box import Box
-from certorch.errors import CertorchError
+from certorch.nn.mode import eval_mode
+from certorch.errors import CertorchError, DeadlineExceeded
 from certorch.spec import check_finite, linf_ball, margin_matrix
 from certorch.verify.lp import LPStage
 from certorch.verify.milp import MilpStage
@@ -95,7 +96,14 @@ def check_timeout(timeout: float | None) -> float:
 
 
 def run_stages(problem: Problem, stages: Sequence[Stage], timeout: float | None = None) -> list[VerificationResult]:
-    """Run ``stages`` in order on the undecided examples of ``problem``; see module doc."""
+    """Run ``stages`` in order on the undecided examples of ``problem``; see module doc.
+
+    Time: each example has ``timeout`` seconds over all stages. A stage gets the seconds left
+    per example (and derives its deadline from them). A stage that raises
+    :class:`~certorch.errors.DeadlineExceeded`, or raises anything after its examples' time ran
+    out, gives ``TIMEOUT`` (the error is kept in the message); other exceptions give ``ERROR``.
+    A verdict reached after an example's time ran out is not kept: that example is ``TIMEOUT``.
+    """
     limit = check_timeout(timeout)
     B = problem.batch
     verdict: list[Verdict | None] = [None] * B
@@ -121,11 +129,16 @@ def run_stages(problem: Problem, stages: Sequence[Stage], timeout: float | None 
             out = stage.run(problem, idx, budget)
         except Exception as e:  # noqa: BLE001 - a crash is an ERROR verdict, never "unknown"
             dt = (time.perf_counter() - t0) / len(todo)
+            text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             for i in todo:
-                verdict[i], stage_of[i] = Verdict.ERROR, stage.name
-                message[i] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 spent[i] += dt
-                per_stage[i][stage.name] = dt
+                per_stage[i][stage.name] = per_stage[i].get(stage.name, 0.0) + dt
+                stage_of[i] = stage.name
+                if isinstance(e, DeadlineExceeded) or spent[i] >= limit:
+                    timed_out[i] = True
+                    message[i] = f"{stage.name}: out of time ({text})"
+                else:
+                    verdict[i], message[i] = Verdict.ERROR, text
             continue
         wall = time.perf_counter() - t0
         for pos, i in enumerate(todo):
@@ -134,7 +147,12 @@ def run_stages(problem: Problem, stages: Sequence[Stage], timeout: float | None 
             per_stage[i][stage.name] = per_stage[i].get(stage.name, 0.0) + dt
             if out.lower is not None:
                 lower[i] = max(lower[i], float(out.lower[pos]))
+            if pos in out.messages:
+                message[i] = out.messages[pos]
             v = out.verdicts[pos]
+            if v is not None and spent[i] > limit:
+                v, message[i] = None, f"{stage.name}: decided {v.value} only after the time limit"
+                timed_out[i] = True
             if v == Verdict.FALSIFIED:
                 x_c, val = _recheck(problem, i, out.counterexamples.get(pos))
                 if x_c is None:
@@ -212,10 +230,14 @@ def verify_box(
     *,
     y: Tensor | int | None = None,
     threads: int = 1,
+    solver_log: TextIO | None = None,
 ) -> VerificationResult:
     """Verify one input box (``box.lower``/``upper``: (*input_shape) or (1, *input_shape)) against
     ``spec`` (see :func:`normalize_spec`). ``y``: optional label (then misclassification of the
-    box center gives NOT_VERIFIED)."""
+    box center gives NOT_VERIFIED). ``timeout`` covers everything done here (graph capture
+    included). ``solver_log``: stream for LP/MILP solver logs (default: silent). The model is
+    used in eval mode; its modules' own train/eval flags are restored afterwards."""
+    t_start = time.perf_counter()
     timeout = check_timeout(timeout)
     lo, hi = box.lower, box.upper
     if lo.shape != hi.shape:
@@ -228,17 +250,25 @@ def verify_box(
 
     in_shape = tuple(lo.shape[1:]) if lo.dim() >= 2 and lo.shape[0] == 1 else tuple(lo.shape)
     box64 = Box(lo.reshape(1, *in_shape).to(torch.float64), hi.reshape(1, *in_shape).to(torch.float64))
-    K = int(np.prod(capture(model, in_shape).output_shape)) if not is_linf_dist_net(model) else _num_outputs(model, box64)
-    C, d, regions = normalize_spec(spec, K)
-    yt = None if y is None else torch.as_tensor(y, dtype=torch.long).reshape(1)
-    problem = Problem(model.eval(), box64, C.unsqueeze(0), d.unsqueeze(0), regions, y=yt, threads=threads)
-    return run_stages(problem, build_stages(stages, model), timeout)[0]
+    stage_list = build_stages(stages, model)
+    with eval_mode(model):
+        K = int(np.prod(capture(model, in_shape).output_shape)) if not is_linf_dist_net(model) \
+            else _num_outputs(model, box64)
+        C, d, regions = normalize_spec(spec, K)
+        yt = None if y is None else torch.as_tensor(y, dtype=torch.long).reshape(1)
+        problem = Problem(model, box64, C.unsqueeze(0), d.unsqueeze(0), regions, y=yt, threads=threads,
+                          solver_log=solver_log)
+        left = timeout - (time.perf_counter() - t_start)
+        if not left > 0:
+            return VerificationResult(Verdict.TIMEOUT, None, -math.inf, time.perf_counter() - t_start,
+                                      message="time ran out while preparing the problem")
+        return run_stages(problem, stage_list, left)[0]
 
 
 def _num_outputs(model: nn.Module, box: Box) -> int:
     param = next(model.parameters())
-    with torch.no_grad():
-        return int(model.eval()(box.center.to(param.dtype)).flatten(1).shape[1])
+    with torch.no_grad(), eval_mode(model):
+        return int(model(box.center.to(param.dtype)).flatten(1).shape[1])
 
 
 def certify_batch(
@@ -255,23 +285,24 @@ def certify_batch(
 ) -> list[VerificationResult]:
     """Classification robustness of (B, *in) ``x`` with labels (B,) ``y`` in the L-inf ball of
     radius ``eps`` (intersected with [lo, hi]); one :class:`VerificationResult` per example,
-    ``timeout`` seconds per example."""
+    ``timeout`` seconds per example. The model is used in eval mode (flags restored afterwards)."""
     timeout = check_timeout(timeout)
     if not isinstance(y, Tensor) or y.shape != x.shape[:1]:
         raise CertorchError("y must be a tensor of shape (B,) matching x")
     x64 = x.detach().to(torch.float64)
     box = linf_ball(x64, eps, lo, hi)
-    model = model.eval()
-    K = _num_outputs(model, box) if is_linf_dist_net(model) else None
-    if K is None:
-        from certorch.graph.capture import capture
+    stage_list = build_stages(stages, model)
+    with eval_mode(model):
+        K = _num_outputs(model, box) if is_linf_dist_net(model) else None
+        if K is None:
+            from certorch.graph.capture import capture
 
-        K = int(np.prod(capture(model, tuple(x.shape[1:])).output_shape))
-    C = margin_matrix(y, K).to(torch.float64)
-    d = torch.zeros(C.shape[:2], dtype=torch.float64)
-    regions = tuple((r,) for r in range(K - 1))
-    problem = Problem(model, box, C, d, regions, x=x64, y=y.long(), eps=float(eps), threads=threads)
-    results = run_stages(problem, build_stages(stages, model), timeout)
+            K = int(np.prod(capture(model, tuple(x.shape[1:])).output_shape))
+        C = margin_matrix(y, K).to(torch.float64)
+        d = torch.zeros(C.shape[:2], dtype=torch.float64)
+        regions = tuple((r,) for r in range(K - 1))
+        problem = Problem(model, box, C, d, regions, x=x64, y=y.long(), eps=float(eps), threads=threads)
+        results = run_stages(problem, stage_list, timeout)
     for i, r in enumerate(results):
         r.label = int(y[i])
     return results

@@ -12,11 +12,17 @@ A :class:`Stage` sees the undecided examples and returns per-example verdicts (o
 bounds and candidate counterexamples. The pipeline's final entry point
 (:func:`certorch.verify.pipeline.run_stages`) enforces the invariants (timing, errors,
 float64 recheck of counterexamples).
+
+Time: a stage gets ``budget`` (seconds left per example). Batched stages turn it into one
+absolute deadline (:func:`batch_deadline`) that they pass on (``ct.bound(..., deadline=)`` stops
+between layers); per-example stages give each example ``start + budget[pos]``.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -38,6 +44,7 @@ class Problem:
     y: Tensor | None = None  # labels (B,) for classification problems
     eps: float | None = None  # radius of the L-inf ball (classification), for certificates that need it
     threads: int = 1
+    solver_log: TextIO | None = None  # where LP/MILP solver logs go (None: silent; never stdout)
     scratch: dict = field(default_factory=dict)  # per-call caches (node bounds, region lower bounds)
 
     @property
@@ -104,6 +111,13 @@ class Stage:
         raise NotImplementedError
 
 
+def batch_deadline(budget: np.ndarray) -> float:
+    """Absolute ``time.perf_counter()`` deadline of a batched stage: its time is shared equally by
+    the n examples, so it may run ``n * min(budget)`` seconds before any example is over budget."""
+    b = np.asarray(budget, dtype=np.float64)
+    return time.perf_counter() + float(b.min()) * b.size if b.size else time.perf_counter()
+
+
 def float64_forward(problem: Problem, x: Tensor) -> Tensor:
     """Float64 outputs (n, K) at (n, *in) inputs, through the captured graph (model untouched)."""
     from certorch.graph.capture import capture
@@ -143,19 +157,29 @@ class CleanStage(Stage):
 
 
 class BoundStage(Stage):
-    """IBP / CROWN / any ``ct.bound`` method, batched; CROWN also caches per-node bounds."""
+    """IBP / CROWN / any ``ct.bound`` method, batched; CROWN also caches per-node bounds.
+
+    The bound call gets the stage's deadline (it raises ``DeadlineExceeded`` between layers);
+    a result that is an estimate (``sound=False``) never verifies.
+    """
 
     def __init__(self, method: str):
         self.method = method
         self.name = method
 
     def run(self, problem, idx, budget):
+        return self.run_until(problem, idx, batch_deadline(budget))
+
+    def run_until(self, problem: Problem, idx: Tensor, deadline: float) -> StageOutput:
         from certorch.bounds.api import bound
 
         keep = method_keeps_nodes(self.method)
         with torch.no_grad():
             res = bound(problem.model, problem.center[idx], method=self.method, C=problem.C[idx],
-                        box=problem.box[idx], dtype=torch.float64, return_intermediate=keep)
+                        box=problem.box[idx], dtype=torch.float64, return_intermediate=keep,
+                        deadline=deadline if math.isfinite(deadline) else None)
+        if not getattr(res, "sound", True):
+            raise CertorchError(f"bound method {self.method!r} returned estimates, not sound bounds")
         rows = res.lower + problem.d[idx].to(res.lower.dtype)
         reg = problem.region_max(rows)
         problem.update_region_lb(idx, reg)
@@ -182,11 +206,11 @@ def cache_node_bounds(problem: Problem, idx: Tensor, intermediate: dict[str, Box
         store[i] = {k: (l[pos].copy(), u[pos].copy()) for k, (l, u) in flat.items()}
 
 
-def node_bounds(problem: Problem, i: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per-node CROWN bounds of example ``i`` (computed on demand, cached)."""
+def node_bounds(problem: Problem, i: int, deadline: float = math.inf) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per-node CROWN bounds of example ``i`` (computed on demand before ``deadline``, cached)."""
     store = problem.scratch.setdefault("node_bounds", {})
     if i not in store:
-        BoundStage("crown").run(problem, torch.tensor([i]), np.array([math.inf]))
+        BoundStage("crown").run_until(problem, torch.tensor([i]), deadline)
     return store[i]
 
 

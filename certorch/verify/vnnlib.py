@@ -16,6 +16,12 @@ over linear expressions (numbers incl. scientific notation, variables, ``+``, ``
 constants), ``;`` comments. Input constraints must be bounds on single inputs and may not sit
 inside a disjunction. Errors are :class:`CertorchError` naming the file, the line and the reason.
 
+Limits (checked before any large allocation, each a one-line error): files larger than
+:data:`MAX_VNNLIB_BYTES`, nesting deeper than :data:`MAX_DEPTH` parentheses, more than
+:data:`MAX_DISJUNCTS` regions. The parser reads one top-level command at a time (memory grows with
+the largest command, not the file), and with ``deadline=`` (a ``time.perf_counter()`` value) it
+stops with :class:`~certorch.errors.DeadlineExceeded` once the deadline has passed.
+
 The PyPI ``vnnlib`` package was considered: its 1.x releases target the VNN-LIB 2.0 grammar
 (not the 1.0 files of VNN-COMP) and ship compiled wheels for a single Python version, so this
 small parser is used instead.
@@ -23,7 +29,10 @@ small parser is used instead.
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +40,22 @@ import torch
 from torch import Tensor
 
 from certorch.domains.box import Box
-from certorch.errors import CertorchError
+from certorch.errors import CertorchError, DeadlineExceeded
 
-__all__ = ["Region", "VnnlibProperty", "load_vnnlib", "parse_vnnlib", "MAX_DISJUNCTS"]
+__all__ = ["Region", "VnnlibProperty", "load_vnnlib", "parse_vnnlib", "MAX_DISJUNCTS", "MAX_DEPTH",
+           "MAX_VNNLIB_BYTES"]
 
 #: refuse properties whose disjunctive normal form has more regions than this
 MAX_DISJUNCTS = 10_000
+#: refuse formulas nested deeper than this many parentheses (VNN-COMP files use fewer than 10)
+MAX_DEPTH = 200
+#: refuse files larger than this (the largest VNN-COMP properties, e.g. 224x224x3 input boxes, are ~20 MB)
+MAX_VNNLIB_BYTES = 256 * 2**20
+_DEADLINE_EVERY = 4096  # tokens between two deadline checks
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_VAR = re.compile(r"([XY])_(\d+)")
-_TOKEN = re.compile(r"\s*(?:(;[^\n]*)|(\()|(\))|([^\s();]+))")
+_VAR = re.compile(r"([XY])_(\d{1,9})")
+_TOKEN = re.compile(r"(\()|(\))|([^\s();]+)|(;[^\n]*)|(\n)")  # groups: open, close, word, comment, newline
 
 
 @dataclass(frozen=True)
@@ -98,16 +113,21 @@ class VnnlibProperty:
 # --- reading --------------------------------------------------------------------------------
 
 
-def load_vnnlib(path: str | Path) -> VnnlibProperty:
-    """Parse the VNN-LIB file at ``path`` (see module doc)."""
+def load_vnnlib(path: str | Path, deadline: float | None = None, max_bytes: int = MAX_VNNLIB_BYTES) -> VnnlibProperty:
+    """Parse the VNN-LIB file at ``path`` (see module doc); files over ``max_bytes`` are refused
+    before reading."""
     p = Path(path)
     if not p.is_file():
         raise CertorchError(f"VNN-LIB file not found: {path}")
+    size = os.stat(p).st_size
+    if size > max_bytes:
+        raise CertorchError(f"{path}: VNN-LIB file is {size / 2**20:.1f} MiB, more than the limit of "
+                            f"{max_bytes / 2**20:.0f} MiB")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise CertorchError(f"{path}: not a text file (VNN-LIB must be UTF-8 text)") from None
-    return parse_vnnlib(text, source=str(path))
+    return parse_vnnlib(text, source=str(path), deadline=deadline)
 
 
 class _List(list):
@@ -122,39 +142,41 @@ class _Atom:
     line: int
 
 
-def _sexprs(text: str, source: str) -> list:
+def _sexprs(text: str, source: str, deadline: float | None = None) -> Iterator[_List]:
+    """Top-level s-expressions of ``text``, one at a time (iterative; depth <= MAX_DEPTH)."""
     def err(line: int, msg: str) -> CertorchError:
         return CertorchError(f"{source} line {line}: {msg}")
 
     stack: list[_List] = []
-    top: list = []
-    line, pos = 1, 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            break  # only trailing whitespace is left
-        line += text.count("\n", pos, m.start(m.lastindex))
-        pos = m.end()
-        comment, opening, closing, word = m.groups()
-        if comment is not None:
+    line, count = 1, 0
+    for m in _TOKEN.finditer(text):
+        kind = m.lastindex
+        if kind == 5:
+            line += 1
             continue
-        if opening:
+        count += 1
+        if deadline is not None and count % _DEADLINE_EVERY == 0 and time.perf_counter() > deadline:
+            raise DeadlineExceeded(f"{source}: parsing did not finish before the time limit (line {line})")
+        if kind == 1:
+            if len(stack) >= MAX_DEPTH:
+                raise err(line, f"parentheses nested more than {MAX_DEPTH} levels deep")
             lst = _List()
             lst.line = line
             stack.append(lst)
-        elif closing:
+        elif kind == 2:
             if not stack:
                 raise err(line, "unbalanced ')'")
             done = stack.pop()
-            (stack[-1] if stack else top).append(done)
-        else:
-            atom = _Atom(word, line)
+            if stack:
+                stack[-1].append(done)
+            else:
+                yield done
+        elif kind == 3:
             if not stack:
-                raise err(line, f"unexpected {word!r} outside parentheses")
-            stack[-1].append(atom)
+                raise err(line, f"unexpected {m.group(3)!r} outside parentheses")
+            stack[-1].append(_Atom(m.group(3), line))
     if stack:
         raise err(stack[-1].line, "'(' is never closed")
-    return top
 
 
 class _Linear:
@@ -217,7 +239,7 @@ class _Parser:
                 raise self.err(e.line, f"unknown symbol {e.text!r} (expected a number or a declared X_i / Y_i)")
             key = (m.group(1), int(m.group(2)))
             if key not in self.declared:
-                raise self.err(e.line, f"variable {e.text} is used but not declared")
+                raise self.err(e.line, f"variable {e.text} is used but not declared (declare it before use)")
             return _Linear({key: 1.0})
         op = self.head(e)
         args = [self.expr(a) for a in e[1:]]
@@ -254,6 +276,8 @@ class _Parser:
                 raise self.err(e.line, f"({op} a b) takes exactly two arguments, got {len(e) - 1}")
             a, b = self.expr(e[1]), self.expr(e[2])
             lin = a.plus(b.scaled(-1.0)) if op in ("<=", "<") else b.plus(a.scaled(-1.0))
+            if not (math.isfinite(lin.const) and all(math.isfinite(v) for v in lin.coef.values())):
+                raise self.err(e.line, "a coefficient of this constraint is out of range (overflow)")
             return [[(lin, e.line)]]
         if op in ("and", "or"):
             parts = [self.formula(a) for a in e[1:]]
@@ -264,36 +288,33 @@ class _Parser:
             else:
                 out = [[]]
                 for p in parts:
-                    out = [c + d for c in out for d in p]
-                    if len(out) > MAX_DISJUNCTS:
+                    if len(out) * len(p) > MAX_DISJUNCTS:
                         raise self.err(e.line, f"formula expands to more than {MAX_DISJUNCTS} disjuncts")
+                    out = [c + d for c in out for d in p]
             if len(out) > MAX_DISJUNCTS:
                 raise self.err(e.line, f"formula expands to more than {MAX_DISJUNCTS} disjuncts")
             return out
         raise self.err(e.line, f"unsupported operator {op!r} (expected and, or, <=, >=)")
 
 
-def parse_vnnlib(text: str, source: str = "<string>") -> VnnlibProperty:
-    """Parse VNN-LIB 1.0 text into a :class:`VnnlibProperty` (see module doc)."""
+def parse_vnnlib(text: str, source: str = "<string>", deadline: float | None = None) -> VnnlibProperty:
+    """Parse VNN-LIB 1.0 text into a :class:`VnnlibProperty` (see module doc).
+
+    Variables must be declared before they are used (SMT-LIB order)."""
     p = _Parser(source)
-    asserts = []
-    for e in _sexprs(text, source):
+    lower: dict[int, float] = {}
+    upper: dict[int, float] = {}
+    out_conj: list[tuple[_Linear, int]] = []
+    out_dnf: list[list[list[tuple[_Linear, int]]]] = []
+    for e in _sexprs(text, source, deadline):
         op = p.head(e)
         if op == "declare-const":
             p.declare(e)
-        elif op == "assert":
-            if len(e) != 2:
-                raise p.err(e.line, "(assert F) takes exactly one formula")
-            asserts.append(e)
-        else:
+            continue
+        if op != "assert":
             raise p.err(e.line, f"unsupported command {op!r} (expected declare-const or assert)")
-    n_in = _count(p, "X")
-    n_out = _count(p, "Y")
-    lower = torch.full((n_in,), -math.inf, dtype=torch.float64)
-    upper = torch.full((n_in,), math.inf, dtype=torch.float64)
-    out_conj: list[tuple[_Linear, int]] = []
-    out_dnf: list[list[list[tuple[_Linear, int]]]] = []
-    for e in asserts:
+        if len(e) != 2:
+            raise p.err(e.line, "(assert F) takes exactly one formula")
         dnf = p.formula(e[1])
         if len(dnf) == 1:
             for lin, line in dnf[0]:
@@ -307,23 +328,28 @@ def parse_vnnlib(text: str, source: str = "<string>") -> VnnlibProperty:
                     if _kind(p, lin, line) == "X":
                         raise p.err(line, "input constraints inside a disjunction (or) are not supported")
             out_dnf.append(dnf)
+    n_in = _count(p, "X")
+    n_out = _count(p, "Y")
     for i in range(n_in):
         name_line = p.declared[("X", i)]
-        if not math.isfinite(float(lower[i])):
+        lo, hi = lower.get(i, -math.inf), upper.get(i, math.inf)
+        if not math.isfinite(lo):
             raise p.err(name_line, f"input X_{i} has no lower bound")
-        if not math.isfinite(float(upper[i])):
+        if not math.isfinite(hi):
             raise p.err(name_line, f"input X_{i} has no upper bound")
-        if lower[i] > upper[i]:
-            raise p.err(name_line, f"input X_{i} has an empty range [{float(lower[i])}, {float(upper[i])}]")
+        if lo > hi:
+            raise p.err(name_line, f"input X_{i} has an empty range [{lo}, {hi}]")
     if not out_conj and not out_dnf:
         raise CertorchError(f"{source}: the property has no constraint on the outputs Y")
     conjs: list[list[tuple[_Linear, int]]] = [list(out_conj)]
     for dnf in out_dnf:
-        conjs = [c + d for c in conjs for d in dnf]
-        if len(conjs) > MAX_DISJUNCTS:
+        if len(conjs) * len(dnf) > MAX_DISJUNCTS:
             raise CertorchError(f"{source}: the property expands to more than {MAX_DISJUNCTS} disjuncts")
+        conjs = [c + d for c in conjs for d in dnf]
     regions = tuple(_region(c, n_out) for c in conjs if c)
-    return VnnlibProperty(lower, upper, regions, n_out, source)
+    lo_t = torch.tensor([lower[i] for i in range(n_in)], dtype=torch.float64)
+    hi_t = torch.tensor([upper[i] for i in range(n_in)], dtype=torch.float64)
+    return VnnlibProperty(lo_t, hi_t, regions, n_out, source)
 
 
 def _count(p: _Parser, kind: str) -> int:
@@ -345,7 +371,7 @@ def _kind(p: _Parser, lin: _Linear, line: int) -> str:
     return kinds.pop()
 
 
-def _bound(p: _Parser, lin: _Linear, line: int, lower: Tensor, upper: Tensor) -> None:
+def _bound(p: _Parser, lin: _Linear, line: int, lower: dict[int, float], upper: dict[int, float]) -> None:
     """``a * X_i + c <= 0`` tightens X_i's bound."""
     terms = [(k, v) for k, v in lin.coef.items() if v != 0]
     if len(terms) != 1:
@@ -353,16 +379,20 @@ def _bound(p: _Parser, lin: _Linear, line: int, lower: Tensor, upper: Tensor) ->
     (_, i), a = terms[0]
     t = -lin.const / a
     if a > 0:
-        upper[i] = min(float(upper[i]), t)
+        upper[i] = min(upper.get(i, math.inf), t)
     else:
-        lower[i] = max(float(lower[i]), t)
+        lower[i] = max(lower.get(i, -math.inf), t)
 
 
 def _region(conj: list[tuple[_Linear, int]], n_out: int) -> Region:
-    C = torch.zeros(len(conj), n_out, dtype=torch.float64)
-    d = torch.zeros(len(conj), dtype=torch.float64)
+    rows, cols, vals = [], [], []
     for r, (lin, _) in enumerate(conj):
         for (_, j), v in lin.coef.items():
-            C[r, j] += v
-        d[r] = lin.const
+            rows.append(r)
+            cols.append(j)
+            vals.append(v)
+    C = torch.zeros(len(conj), n_out, dtype=torch.float64)
+    C.index_put_((torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
+                 torch.tensor(vals, dtype=torch.float64), accumulate=True)
+    d = torch.tensor([lin.const for lin, _ in conj], dtype=torch.float64)
     return Region(C, d)

@@ -19,7 +19,7 @@ from certorch.domains.box import Box
 from certorch.graph.capture import capture
 from certorch.verify import Verdict, verify_box
 from certorch.verify.encode import encode
-from certorch.verify.milp import minimize_region
+from certorch.verify.solve import minimize_region
 
 
 def make_net(seed: int, widths: list[int], n_in: int, n_out: int) -> nn.Sequential:
@@ -78,8 +78,8 @@ def milp_and_lp(net, lo, hi, c):
     for key, binaries in (("lp", None), ("milp", "all")):
         enc = encode(graph, lo, hi, nb, binaries)
         o = minimize_region(enc, enc.var_of[graph.output], c[None], np.zeros(1), integer=binaries is not None,
-                            tol=math.inf, time_limit=30)
-        assert o.status == "optimal", o
+                            early_stop=False, time_limit=30)
+        assert o.solver_status == "optimal", o
         out[key] = o
     return float(r.lower[0, 0]), out["lp"].lower, out["milp"]
 

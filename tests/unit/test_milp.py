@@ -12,7 +12,8 @@ import certorch as ct
 from certorch.domains.box import Box
 from certorch.graph.capture import capture
 from certorch.verify.encode import encode, select_binaries
-from certorch.verify.milp import MilpStage, minimize_region
+from certorch.verify.milp import MilpStage
+from certorch.verify.solve import minimize_region
 
 torch.set_num_threads(1)
 
@@ -32,7 +33,7 @@ def _solve(model, box, c, binaries="all", integer=True):
     graph, nb = _node_bounds(model, box)
     enc = encode(graph, box.lower.flatten().numpy(), box.upper.flatten().numpy(), nb, binaries)
     return enc, minimize_region(enc, enc.var_of[graph.output], np.asarray(c, float)[None], np.zeros(1),
-                                integer=integer, tol=math.inf)
+                                integer=integer, early_stop=False)
 
 
 def test_hand_computed_min_of_relu_difference():
@@ -117,12 +118,12 @@ def test_early_stop_reports_negative_with_point_inside_box():
     graph, nb = _node_bounds(model, box)
     enc = encode(graph, box.lower.flatten().numpy(), box.upper.flatten().numpy(), nb, "all")
     c = np.array([1.0, -1.0])
-    exact = minimize_region(enc, enc.var_of[graph.output], c[None], np.zeros(1), tol=math.inf).value
+    exact = minimize_region(enc, enc.var_of[graph.output], c[None], np.zeros(1), early_stop=False).value
     shift = -exact + 0.5  # property value c.f + shift has min 0.5 > 0: proven positive
     pos = minimize_region(enc, enc.var_of[graph.output], c[None], np.array([shift]))
-    assert pos.status == "positive" and pos.lower > 0
+    assert pos.outcome == "positive" and pos.lower > 0
     neg = minimize_region(enc, enc.var_of[graph.output], c[None], np.array([-exact - 0.5]))
-    assert neg.status == "negative" and neg.value < 0
+    assert neg.outcome == "negative" and neg.value < 0
     assert bool(box.contains(torch.from_numpy(neg.point)[None], tol=1e-9).all())
 
 
@@ -133,7 +134,7 @@ def test_zero_time_limit_is_a_timeout():
     graph, nb = _node_bounds(model, box)
     enc = encode(graph, box.lower.flatten().numpy(), box.upper.flatten().numpy(), nb, "all")
     out = minimize_region(enc, enc.var_of[graph.output], np.array([[1.0, -1.0]]), np.zeros(1), time_limit=0)
-    assert out.status == "timeout"
+    assert out.outcome == "timeout"
 
 
 def test_unsupported_activation_is_named():
