@@ -16,7 +16,7 @@ __all__ = ["Box", "CertorchError", "linf_ball", "margin_matrix", "margins", "__v
 
 
 def __getattr__(name):  # lazy: keep `import certorch` light, avoid import cycles
-    if name in ("bound", "certified", "BoundResult"):
+    if name in ("bound", "bound_many", "certified", "BoundResult"):
         from certorch.bounds import api
 
         return getattr(api, name)

@@ -1,6 +1,7 @@
 """Public bound API: ``ct.bound`` and ``ct.certified``."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -124,13 +125,50 @@ def bound(
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
-    m = get_method(method)
+    return bound_many(model, x, eps, (method,), y, C, lo, hi, box=box, slope=slope, projections=projections,
+                      dtype=dtype, return_intermediate=return_intermediate, generator=generator,
+                      max_elements=max_elements, memory_budget=memory_budget, deadline=deadline, upper=upper,
+                      patches=patches)[get_method(method).name]
+
+
+def bound_many(
+    model: nn.Module,
+    x: Tensor,
+    eps: float | Tensor | None = None,
+    methods: Sequence[str] = ("crown-ibp", "ibp"),
+    y: Tensor | None = None,
+    C: Tensor | None = None,
+    lo: float | Tensor = 0.0,
+    hi: float | Tensor = 1.0,
+    *,
+    box: Box | None = None,
+    slope: str | None = None,
+    projections: int | None = None,
+    dtype: torch.dtype | None = None,
+    return_intermediate: bool = False,
+    generator: torch.Generator | None = None,
+    max_elements: int | None = None,
+    memory_budget: int | None = None,
+    deadline: float | None = None,
+    upper: bool = True,
+    patches: bool = True,
+) -> dict[str, BoundResult]:
+    """Several final bounds from one set of intermediate bounds: ``{method name: BoundResult}``.
+
+    Same arguments as :func:`bound`. The methods share one capture, input box, spec, the IBP
+    boxes of every node, and the intermediate bounds of methods with the same intermediate
+    strategy (e.g. ``("crown-ibp", "ibp")``: one IBP pass feeds CROWN-IBP's backward pass and
+    the IBP bound). ``projections`` applies to the methods that support it.
+    """
+    ms = [get_method(name) for name in methods]
+    if not ms:
+        raise CertorchError("give at least one bound method")
     if slope is not None:
         check_slope(slope)
     if projections is not None:
-        if not m.supports_projections:
-            raise CertorchError(f"projections are supported by methods zonotope and dual, not {m.name!r}")
-        if isinstance(projections, bool) or int(projections) < 1:
+        if not any(m.supports_projections for m in ms):
+            raise CertorchError(f"projections are supported by methods zonotope and dual, not {ms[0].name!r}")
+        if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
             raise CertorchError(f"projections must be a positive integer, got {projections}")
     if not isinstance(x, Tensor):
         raise CertorchError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -157,23 +195,34 @@ def bound(
     graph = capture(model, tuple(x.shape[1:]))
     budget = memory_budget if memory_budget is not None else memory.default_budget(x.device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    ctx = BoundContext(
-        graph=graph,
-        box=box,
-        x=x,
-        dtype=dtype,
-        intermediate=m.intermediate,
-        slope=slope or m.slope,
-        projections=projections,
-        generator=generator,
-        max_elements=max_elements or memory.max_elements_for(budget, itemsize),
-        patches=patches,
-        memory_budget=budget,
-        deadline=deadline,
-        keep_regions=return_intermediate,
+    base = BoundContext(
+        graph=graph, box=box, x=x, dtype=dtype, generator=generator,
+        max_elements=max_elements or memory.max_elements_for(budget, itemsize), patches=patches,
+        memory_budget=budget, deadline=deadline, keep_regions=return_intermediate,
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
-    sound = projections is None and not _uses_batch_statistics(graph)
+    batch_stats = _uses_batch_statistics(graph)
+    shared: dict[tuple, BoundContext] = {}
+    out: dict[str, BoundResult] = {}
+    for m in ms:
+        proj = projections if m.supports_projections else None
+        s = slope or m.slope
+        key = (m.intermediate, s if m.intermediate == "crown" else None, proj)
+        ctx = shared.get(key)
+        if ctx is None:  # IBP boxes, affine maps and clean values are shared by every method
+            ctx = shared[key] = replace(base, intermediate=m.intermediate, slope=s, projections=proj, boxes={},
+                                        regions={}, forward_done=set(), ibp_boxes=base.ibp_boxes, _maps=base._maps)
+            ctx._values = base._values
+        out[m.name] = _run_chunked(m, ctx, spec, upper, budget, itemsize, return_intermediate,
+                                   proj is None and not batch_stats)
+        base._values = ctx._values
+    return out
+
+
+def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, itemsize: int,
+                 return_intermediate: bool, sound: bool) -> BoundResult:
+    """One method on ``ctx``, in chunks of examples when the batch does not fit the budget."""
+    graph, box, x = ctx.graph, ctx.box, ctx.x
     chunk = _plan_chunk(m, ctx, budget, itemsize, return_intermediate)
     if chunk >= ctx.batch:
         lower, up = run_method(m, ctx, spec, upper)
@@ -193,7 +242,7 @@ def bound(
         lows.append(lo_c)
         ups.append(up_c)
         subs.append(sub)
-    result = BoundResult(torch.cat(lows), torch.cat(ups) if upper or ups[0] is not None else None, m.name, sound)
+    result = BoundResult(torch.cat(lows), torch.cat(ups) if ups[0] is not None else None, m.name, sound)
     if return_intermediate:
         _expose(result, graph, subs)
     return result
@@ -216,11 +265,14 @@ def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool
     per = torch.zeros(ctx.batch, dtype=torch.float64)
     what = "spec rows"
     if forward_kind in ("zonotope", "symbolic"):
-        with torch.no_grad():
-            ibp_ctx = replace(ctx, boxes={}, ibp_boxes={}, regions={}, forward_done=set(), _values=None,
-                              _maps=ctx._maps)
-            ibp_box(ibp_ctx, graph.output)
-        gens = memory.generator_counts(graph, ibp_ctx.ibp_boxes, forward_kind, ctx.projections)
+        ibp_boxes: dict = {}
+        if not ctx.projections:  # exact zonotopes: error terms per IBP-unstable neuron
+            with torch.no_grad():
+                ibp_ctx = replace(ctx, boxes={}, ibp_boxes={}, regions={}, forward_done=set(), _values=None,
+                                  _maps=ctx._maps)
+                ibp_box(ibp_ctx, graph.output)
+            ibp_boxes = ibp_ctx.ibp_boxes
+        gens = memory.generator_counts(graph, ibp_boxes, forward_kind, ctx.projections, ctx.batch)
         per = memory.forward_peak(graph, gens, itemsize, graph.output, keep_all)
         what = f"{forward_kind} coefficients"
     if m.final == "backward" or m.intermediate == "crown":

@@ -71,15 +71,16 @@ def max_elements_for(budget: int, itemsize: int) -> int:
     return max(1 << 16, budget // (itemsize * BACKWARD_TENSORS))
 
 
-def generator_counts(graph, ibp_boxes: dict, kind: str, projections: int | None) -> torch.Tensor:
+def generator_counts(graph, ibp_boxes: dict, kind: str, projections: int | None, batch: int) -> torch.Tensor:
     """Per example (B,) and per node: how many coefficients per neuron the forward domain
     holds at each node, as a (B, N) float tensor (node order of ``graph``).
 
     ``zonotope``: input terms + one term per IBP-unstable neuron of every ReLU before the node
-    (``projections``: r per block instead); ``symbolic``: 2 x input terms (lower and upper forms).
+    (``projections``: r per block instead, and ``ibp_boxes`` is not read); ``symbolic``: 2 x input
+    terms (lower and upper forms).
     """
     n_in = graph.nodes[0].numel
-    B = next(iter(ibp_boxes.values())).lower.shape[0]
+    B = batch
     gens = torch.zeros(B, len(graph.nodes), dtype=torch.float64)
     per_node: dict[int, torch.Tensor] = {}
     for node in graph.nodes:
@@ -87,6 +88,8 @@ def generator_counts(graph, ibp_boxes: dict, kind: str, projections: int | None)
             g = torch.full((B,), float(projections or n_in), dtype=torch.float64)
             if kind == "symbolic":
                 g = 2 * g
+        elif node.is_activation and kind == "zonotope" and projections:
+            g = per_node[node.inputs[0]] + projections
         elif node.is_activation and kind == "zonotope":
             pre = ibp_boxes[node.inputs[0]]
             lo, up = pre.lower.flatten(1), pre.upper.flatten(1)

@@ -273,32 +273,19 @@ def spec_pgd(problem: Problem, idx: Tensor, steps: int, restarts: int, seed: int
 
 
 class LinfDistStage(Stage):
-    """The L_inf-dist certificate (Lipschitz margin / head IBP) of ``certorch.nn.linf_dist_cert``."""
+    """A model family's own certificate (L_inf-dist: Lipschitz margin rule / head IBP), through the
+    family certifier registry (:mod:`certorch.bounds.certifiers`), the same function as
+    ``ct.certified``. Networks outside the family's guarantee (finite p) raise: no fallback."""
 
     name = "linf"
 
     def run(self, problem, idx, budget):
-        from certorch.nn import linf_dist_cert as cert
+        from certorch.bounds.certifiers import find_certifier
 
         if problem.y is None or problem.eps is None:
             raise CertorchError("the L_inf-dist certificate needs a classification spec (labels and eps)")
-        from certorch.nn.linf_dist import split_backbone_head
-        from certorch.spec import margins
-
-        x, y = problem.center[idx], problem.y[idx]
-        x = x.to(next(problem.model.parameters()).dtype)
-        L = cert.lipschitz_factor(problem.model)
-        features, head = split_backbone_head(problem.model)
-        problem.model.eval()
-        with torch.no_grad():
-            try:  # pure L_inf-dist net: each logit moves by at most eps * L
-                ok = cert.margin_certificate(problem.model, x, y, problem.eps)
-                lower = margins(problem.model(x), y).min(dim=1).values - 2 * problem.eps * L
-            except CertorchError:  # Net+MLP: IBP through the head on the feature box
-                f = features(x).flatten(1)
-                lb = cert.head_margin_lower_bound(head, f - problem.eps * L, f + problem.eps * L, y)
-                lower = lb.min(dim=1).values
-                ok = lower > 0
-        lower = lower.to(torch.float64)
-        return StageOutput([Verdict.VERIFIED if (o and v > 0) else None for o, v in zip(ok.tolist(), lower.tolist())],
-                           lower=lower)
+        fam = find_certifier(problem.model)
+        if fam is None:
+            raise CertorchError("the linf stage needs a model of a family with its own certificate (L_inf-dist)")
+        lower = fam.margins(problem.model, problem.center[idx], problem.y[idx], problem.eps).to(torch.float64)
+        return StageOutput([Verdict.VERIFIED if v > 0 else None for v in lower.tolist()], lower=lower)
