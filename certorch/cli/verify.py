@@ -15,8 +15,9 @@ Time: ``--timeout`` covers everything: loading the ONNX file, parsing the VNN-LI
 at the deadline) and every stage. When this command is the process's entry point the clock
 starts when the process started (Python and torch start-up included). The work runs in a
 worker thread; if it has not answered by the deadline plus :data:`GRACE` seconds, ``timeout``
-is printed anyway (and the process exits at once). stdout carries only the result: solver logs
-are silenced, or go to stderr with ``--verbose``.
+is printed anyway. As the entry point, the process exits right after answering (``os._exit``
+after flushing: interpreter teardown with torch loaded takes seconds). stdout carries only the
+result: solver logs are silenced, or go to stderr with ``--verbose``.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ RESULT_WORDS = {"falsified": "sat", "verified": "unsat", "timeout": "timeout", "
 #: seconds reserved before the deadline for reporting (the pipeline stops this much earlier)
 RESERVE = 0.3
 #: seconds after the deadline at which the watchdog answers ``timeout`` whatever the worker does
-GRACE = 0.5
+GRACE = 0.3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -192,17 +193,13 @@ def run(args: argparse.Namespace) -> int:
     worker.join(max(0.0, deadline + GRACE - time.perf_counter()))
     if worker.is_alive():
         _emit("timeout", out)
-        print(f"note: no answer {GRACE:g} s after the {timeout:g} s time limit; stopped waiting", file=sys.stderr,
-              flush=True)
-        if entry:
-            sys.stderr.flush()
-            os._exit(0)  # the worker may be inside a long native call: do not wait for it
-        return 0
+        print(f"note: no answer {GRACE:g} s after the {timeout:g} s time limit; stopped waiting", file=sys.stderr)
+        return _finish(0, entry)  # the worker may be inside a long native call: do not wait for it
     err = box.get("error")
     if isinstance(err, DeadlineExceeded):
         _emit("timeout", out)
         print(f"note: {err}", file=sys.stderr)
-        return 0
+        return _finish(0, entry)
     if err is not None:
         raise err
     word, text, result = box["answer"]
@@ -210,4 +207,14 @@ def run(args: argparse.Namespace) -> int:
     if result.message:
         print(f"note: {result.message}", file=sys.stderr)
     print(f"# stage={result.stage} margin_lb={result.margin_lb:.6g} seconds={result.seconds:.3f}", file=sys.stderr)
-    return 1 if word == "error" else 0
+    return _finish(1 if word == "error" else 0, entry)
+
+
+def _finish(code: int, entry: bool) -> int:
+    """Return ``code``; as the process's entry point, flush and exit at once instead: the
+    answer is out, and interpreter teardown with torch and onnx loaded takes 1-2 s."""
+    if entry:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -38,7 +38,7 @@ from certorch.ops.maps import AffineMap, ReshapeMap
 from certorch.relax import relu as relu_relax
 
 INF = np.inf
-_BLOCK_ELEMENTS = 2**24  # largest identity-batch output (rows x out numel) built at once
+_BLOCK_ELEMENTS = 2**22  # largest identity-batch output (rows x out numel) built at once (~0.1 s of work)
 
 
 @dataclass
@@ -123,10 +123,12 @@ class _Builder:
 
 
 @torch.no_grad()
-def sparse_linear_part(amap: AffineMap, in_shapes: list[tuple[int, ...]], which: int) -> sparse.coo_matrix:
+def sparse_linear_part(amap: AffineMap, in_shapes: list[tuple[int, ...]], which: int,
+                       deadline: float | None = None) -> sparse.coo_matrix:
     """The linear part of ``amap`` w.r.t. input ``which`` as a sparse (out_numel, in_numel) matrix.
 
-    Identity batches of the input are pushed through ``amap.apply`` in blocks (other inputs 0).
+    Identity batches of the input are pushed through ``amap.apply`` in blocks (other inputs 0);
+    ``deadline`` (``time.perf_counter()``) is checked before each block.
     """
     shape = in_shapes[which]
     n_in = int(np.prod(shape))
@@ -135,6 +137,8 @@ def sparse_linear_part(amap: AffineMap, in_shapes: list[tuple[int, ...]], which:
     block = max(1, _BLOCK_ELEMENTS // max(n_out, 1))
     rows, cols, vals = [], [], []
     for start in range(0, n_in, block):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise DeadlineExceeded("the LP/MILP encoding ran past its deadline (extracting an affine map)")
         k = min(block, n_in - start)
         eye = torch.zeros(k, n_in, dtype=torch.float64)
         eye[torch.arange(k), torch.arange(start, start + k)] = 1.0
@@ -187,7 +191,7 @@ def encode(
         if deadline is not None and time.perf_counter() > deadline:
             raise DeadlineExceeded(f"the LP/MILP encoding ran past its deadline at node {node.name!r}")
         if node.is_affine:
-            var_of[node.index] = _encode_affine(b, graph, node, var_of, bounds.get(node.index))
+            var_of[node.index] = _encode_affine(b, graph, node, var_of, bounds.get(node.index), deadline)
         elif node.is_activation and node.op.kind == "relu":
             src = node.inputs[0]
             if src not in bounds:
@@ -201,13 +205,13 @@ def encode(
     return b.finish(var_of, unstable_count)
 
 
-def _encode_affine(b: _Builder, graph: Graph, node, var_of, box) -> np.ndarray:
+def _encode_affine(b: _Builder, graph: Graph, node, var_of, box, deadline: float | None = None) -> np.ndarray:
     amap = node.op.affine(torch.float64, None)
     if isinstance(amap, ReshapeMap):
         return var_of[node.inputs[0]]
     n_out = node.numel
     in_shapes = [graph.nodes[i].shape for i in node.inputs]
-    Ws = [sparse_linear_part(amap, in_shapes, k) for k in range(len(node.inputs))]
+    Ws = [sparse_linear_part(amap, in_shapes, k, deadline) for k in range(len(node.inputs))]
     off = amap.offset()
     rhs = np.zeros(n_out) if off is None else torch.broadcast_to(
         off.to(torch.float64).detach(), node.shape).reshape(-1).numpy().copy()

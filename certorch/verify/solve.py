@@ -304,15 +304,26 @@ def minimize_region(
     h.setOptionValue("mip_feasibility_tolerance", tol.integrality)
     h.passModel(lp)
     inputs = enc.var_of[0]
-    state: dict = {"point": None, "value": None, "lower": None}
-    if use_int and early_stop:
+    state: dict = {"point": None, "value": None, "lower": None, "late": False}
+    hard_deadline = t0 + time_limit  # HiGHS's own time_limit is checked rarely (presolve, root LP)
+
+    def late(e) -> bool:
+        if time.perf_counter() > hard_deadline:
+            state["late"] = True
+            e.interrupt()
+            return True
+        return False
+
+    if use_int:
         def on_solution(e) -> None:
             val = e.data_out.objective_function_value
-            if val <= -stop_below and state["point"] is None:
+            if early_stop and val <= -stop_below and state["point"] is None:
                 state["point"] = np.asarray(e.data_out.mip_solution)[inputs].copy()
                 state["value"] = float(val)
 
         def on_interrupt(e) -> None:
+            if late(e) or not early_stop:
+                return
             if state["point"] is not None:
                 e.interrupt()
             elif e.data_out.mip_dual_bound > margin:
@@ -321,8 +332,12 @@ def minimize_region(
 
         h.cbMipImprovingSolution.subscribe(on_solution)
         h.cbMipInterrupt.subscribe(on_interrupt)
+    h.cbSimplexInterrupt.subscribe(late)
+    h.cbIpmInterrupt.subscribe(late)
     h.run()
     status = _status_name(h.getModelStatus())
+    if state["late"] and status in ("interrupt", "highs_interrupt"):
+        status = "time_limit"
     info = h.getInfo()
     sol = h.getSolution()
     point, value = state["point"], state["value"]
