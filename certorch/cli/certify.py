@@ -165,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
         from certorch.distributed.ray_certify import check_address
 
         check_address(args.address)
+    from certorch.train.cascade import is_cascade_run
+
+    if args.weights is None and is_cascade_run(args.run):
+        return _certify_cascade(args, eps_list)
     model, dataset, default_out = load_model_and_data(args)
     build_stages(args.stages, model)  # validate names before any work
     if args.float64:
@@ -211,5 +215,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"eps={s['eps']:g} decided by stage: " + ", ".join(f"{k}={v}" for k, v in s["decided_by"].items()))
     if len(summaries) > 1:
         print(f"plot: {_plot(summaries, out)}")
+    print(f"results: {out}")
+    return 0
+
+
+def _certify_cascade(args: argparse.Namespace, eps_list: list[float]) -> int:
+    """``certorch certify CASCADE_RUN``: the paper's per-stage table and the sound cascade error."""
+    from certorch.cli.main import data_dir
+    from certorch.data import load
+    from certorch.train.cascade import stage_dirs
+    from certorch.train.metrics import format_table
+    from certorch.train.run import load_run
+    from certorch.verify.cascade import certify_cascade
+    from certorch.verify.pipeline import build_stages
+
+    runs = [load_run(d, "cpu") for d in stage_dirs(args.run)]
+    models = [r.model for r in runs]
+    for m in models:
+        build_stages(args.stages, m)
+    ds = load(args.data or runs[0].config.data.dataset, "test", data_dir=data_dir(args), subset=args.n)
+    out = Path(args.out) if args.out else Path(args.run) / "certify"
+    out.mkdir(parents=True, exist_ok=True)
+    for eps in eps_list:
+        rep = certify_cascade(models, ds.images, ds.labels, eps, args.stages, args.timeout, args.threads, args.chunk)
+        (out / f"cascade-eps{eps:g}.json").write_text(json.dumps(rep, indent=2))
+        print(f"eps={eps:g}, {rep['examples']} test examples, Algorithm 2 (the paper's rule, not sound):")
+        print(format_table(rep["paper_rule"], ["stage", "certified_here", "robust_err", "std_err"]))
+        print(f"single-model robust error per stage: {', '.join(f'{e:.4f}' for e in rep['single_model_robust_err'])}")
+        print(f"sound cascade robust error: {rep['sound_robust_err']:.4f} (any router), "
+              f"{rep['sound_robust_err_ibp_routed']:.4f} (IBP-routed cascade)")
     print(f"results: {out}")
     return 0

@@ -66,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
     with lock_run_dir(run_dir):  # one training per run directory; a second one gets a one-line error
         for folder in (run_dir, run_dir / CKPT_DIR):
             clean_stale_temporaries(folder)  # left by a run killed mid-write
+        if cfg.cascade.stages > 1:
+            from certorch.train.cascade import fit_cascade
+
+            res = fit_cascade(cfg, run_dir, resume=bool(args.resume), data_dir=ddir)
+            rows = [{"stage": e["stage"], "trained_on": e["train_examples"], "certified": e["train_certified"],
+                     "held_out_certified": e.get("eval_certified", "-")} for e in res.summary["stages"]]
+            print(format_table(rows, ["stage", "trained_on", "certified", "held_out_certified"]))
+            print(f"run directory: {res.run_dir}")
+            return 0
         result = Trainer(cfg, run_dir, resume=bool(args.resume), data_dir=ddir).fit()
     final = result.summary["final"]
     cols = [c for c in ("epoch", "train_loss", "eval_loss", "nat_acc", "pgd_acc", "eval_eps") if c in final]

@@ -28,6 +28,7 @@ __all__ = [
     "MethodConfig",
     "EvalConfig",
     "CheckpointConfig",
+    "CascadeConfig",
     "TrainConfig",
     "load_config",
     "config_from_dict",
@@ -217,6 +218,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """A cascade of ``stages`` models (Wong et al. 2018, Algorithm 2). Stage k+1 trains (and is
+    evaluated) only on the examples stages 1..k cannot certify with bound ``certify`` (exact,
+    float64, eval semantics), certified ``batch_size`` examples at a time. ``stages: 1``: no cascade."""
+
+    stages: int = 1
+    certify: str = "dual"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        require(1 <= self.stages <= 100, f"cascade.stages must be in [1, 100], got {self.stages}")
+        require(self.batch_size >= 1, f"cascade.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class TrainConfig:
     """The whole training run. ``name`` defaults to the config file's stem.
 
@@ -239,6 +255,7 @@ class TrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

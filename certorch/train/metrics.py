@@ -80,8 +80,26 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
     return "\n".join([head, rule, *body])
 
 
+#: per-epoch values that are schedules or objective state (third panel)
+SCHEDULE_KEYS = ("eps", "kappa", "beta", "alpha", "p", "lr_factor")
+
+
+def _series(ax, history: list[dict[str, Any]], keys: list[str], epochs: list) -> bool:
+    drawn = False
+    for key in keys:
+        ys = [r.get(key) for r in history]
+        if any(isinstance(y, (int, float)) for y in ys):
+            ax.plot(epochs, [y if isinstance(y, (int, float)) else math.nan for y in ys], marker="o", label=key)
+            drawn = True
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """PNG with loss (left) and accuracies (right) per epoch, written atomically (Agg backend)."""
+    """PNG of the run per epoch, written atomically (Agg backend): losses and their parts,
+    accuracies (natural, attacked, verified by each bound), schedules and objective state
+    (eps, kappa, beta, alpha, ...), and seconds per epoch."""
     if not history:
         return None
     import matplotlib
@@ -90,23 +108,20 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     import matplotlib.pyplot as plt
 
     epochs = [r.get("epoch") for r in history]
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
-        ys = [r.get(key) for r in history]
-        if any(y is not None for y in ys):
-            ax_l.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=label)
-    ax_l.set_xlabel("epoch")
+    keys = list(dict.fromkeys(k for r in history for k in r))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    (ax_l, ax_a), (ax_s, ax_t) = axes
+    _series(ax_l, history, [k for k in keys if k.endswith("loss") and not k.endswith("_acc")], epochs)
     ax_l.set_ylabel("loss")
-    ax_l.legend()
-    acc_keys = [k for k in history[-1] if k.endswith("_acc")]
-    for key in acc_keys:
-        ys = [r.get(key) for r in history]
-        ax_a.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=key)
-    ax_a.set_xlabel("epoch")
+    _series(ax_a, history, [k for k in keys if k.endswith("_acc") or k.startswith("verified_acc")], epochs)
     ax_a.set_ylabel("accuracy")
     ax_a.set_ylim(0, 1.02)
-    if acc_keys:
-        ax_a.legend(fontsize=8)
+    _series(ax_s, history, [k for k in SCHEDULE_KEYS if k in keys], epochs)
+    ax_s.set_ylabel("schedules / state")
+    _series(ax_t, history, [k for k in ("seconds", "train_seconds", "eval_seconds") if k in keys], epochs)
+    ax_t.set_ylabel("seconds")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -165,6 +165,8 @@ class Trainer:
         resume: bool = False,
         data_dir: str | None = None,
         log: Any = None,
+        train_indices: Tensor | None = None,
+        eval_indices: Tensor | None = None,
     ) -> None:
         from certorch.data import load
         from certorch.models import build
@@ -180,6 +182,7 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.objective = build_objective(cfg.method.name, cfg.method.params)
+        self.objective.check(cfg)
         ddir = data_dir if data_dir is not None else cfg.data.data_dir
         train = load(cfg.data.dataset, "train", data_dir=ddir, subset=cfg.data.subset)
         evalset = load(cfg.data.dataset, cfg.data.eval_split, data_dir=ddir, subset=cfg.eval.size or None) if cfg.eval.size else None
@@ -188,8 +191,16 @@ class Trainer:
             check_finite(evalset.images, "evaluation images")
         self.dataset = train.name
         self.train_x, self.train_y = train.images, train.labels
+        if train_indices is not None:  # a cascade stage: only the examples earlier stages cannot certify
+            if train_indices.numel() < 2:
+                raise CertorchError(f"cannot train on {train_indices.numel()} example(s): need at least 2")
+            self.train_x, self.train_y = self.train_x[train_indices], self.train_y[train_indices]
+        if evalset is not None and eval_indices is not None and eval_indices.numel() == 0:
+            evalset = None  # a cascade stage whose held-out examples are all certified by earlier stages
         self.eval_x = evalset.images.to(self.device) if evalset is not None else None
         self.eval_y = evalset.labels.to(self.device) if evalset is not None else None
+        if evalset is not None and eval_indices is not None:
+            self.eval_x, self.eval_y = self.eval_x[eval_indices.to(self.device)], self.eval_y[eval_indices.to(self.device)]
         self.data_gen = seed_everything(cfg.seed)
         self.model = build(cfg.model.name, dataset=cfg.data.dataset, **cfg.model.kwargs).to(self.device)
         self.optimizer = build_optimizer(cfg, self.objective, self.model)
@@ -213,7 +224,8 @@ class Trainer:
     def _save(self, epoch: int, record: dict[str, Any]) -> Path:
         opt_t, opt_j = optimizer_state(self.optimizer)
         rng_t, rng_j = rng_state(self.data_gen)
-        state_json = {"optimizer": opt_j, "rng": rng_j, "epoch": epoch, "seconds": self.seconds, "base_lrs": self.base_lrs}
+        state_json = {"optimizer": opt_j, "rng": rng_j, "epoch": epoch, "seconds": self.seconds, "base_lrs": self.base_lrs,
+                      "objective": self.objective.state_dict()}
         path = ckpt.save_checkpoint(
             self.run_dir / ckpt.CKPT_DIR, epoch, self.model, to_dict(self.cfg), record, {**opt_t, **rng_t}, state_json
         )
@@ -226,6 +238,10 @@ class Trainer:
         tensors, state = ckpt.load_train_state(c)
         load_optimizer_state(self.optimizer, tensors, state.get("optimizer") or {})
         load_rng_state(self.data_gen, tensors, state.get("rng") or {})
+        obj_state = state.get("objective") or {}
+        if not isinstance(obj_state, dict):
+            raise CertorchError(f"corrupt checkpoint {c.path}: objective state must be a mapping")
+        self.objective.load_state_dict(obj_state)
         self.start_epoch = int(state.get("epoch", c.epoch))
         self.seconds = float(state.get("seconds", 0.0))
         self.history = [r for r in read_history(self.run_dir) if int(r.get("epoch", 0)) <= self.start_epoch]
@@ -325,6 +341,11 @@ class Trainer:
 
     def _loop(self, stop_after: int | None) -> None:
         cfg = self.cfg
+        end = self.eps_ramp(float(cfg.epochs))
+        if end < cfg.eps.value and is_main_process():  # documented behaviour: train anyway, say so once
+            self.log(f"warning: the eps schedule is longer than training: eps reaches {end:.4g} of eps.value = "
+                     f"{cfg.eps.value:g} after {cfg.epochs} epochs (warmup_epochs + ramp_epochs = "
+                     f"{cfg.eps.warmup_epochs + cfg.eps.ramp_epochs:g})")
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             rec: dict[str, Any] = {"epoch": epoch + 1}
@@ -336,6 +357,9 @@ class Trainer:
                 rec.update(evaluate(self.model, self.eval_x, self.eval_y, cfg, self.objective))
                 rec["eval_eps"] = cfg.eval_eps
             rec["eval_seconds"] = time.perf_counter() - t1
+            rec.update({k: v for k, v in self.objective.state_dict().items() if isinstance(v, (int, float))
+                        and not isinstance(v, bool) and not k.startswith("_")})  # the state this epoch trained with
+            self.objective.after_epoch(epoch + 1, rec)
             self.seconds += time.perf_counter() - t0
             rec["seconds"] = time.perf_counter() - t0
             self.history.append(rec)

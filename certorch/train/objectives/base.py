@@ -26,9 +26,13 @@ one small class in one file:
             return LossOutput(loss, {"robust_loss": r})
 
 Optional hooks: :meth:`Objective.param_groups` (per-parameter-group weight decay),
-:meth:`Objective.regularizer` (a term added to every loss, logged as ``reg``) and
+:meth:`Objective.regularizer` (a term added to every loss, logged as ``reg``),
 :meth:`Objective.eval_metrics` (extra per-epoch evaluation numbers such as verified
-accuracy). Register the file by adding one import line in ``objectives/__init__.py``.
+accuracy) and, for objectives **with state** (MixTrain's alpha), :meth:`Objective.state_dict` /
+:meth:`Objective.load_state_dict` (saved in every checkpoint, restored by ``--resume``; numeric
+entries are logged and plotted per epoch) and :meth:`Objective.after_epoch` (called after each
+epoch with its record, including the held-out evaluation metrics, to update that state).
+Register the file by adding one import line in ``objectives/__init__.py``.
 """
 from __future__ import annotations
 
@@ -151,6 +155,24 @@ class Objective:
     def eval_metrics(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> dict[str, float]:
         """Extra per-epoch evaluation numbers on a held-out batch (e.g. verified accuracy)."""
         return {}
+
+    def check(self, cfg: Any) -> None:
+        """Validate the parameters against the whole run's config (e.g. a sample size against
+        ``cfg.batch_size``); called when the trainer is built, before anything is written."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state that changes during training (default: none). Saved in
+        every checkpoint; numeric entries not starting with ``_`` are logged in each epoch's record."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (from a checkpoint, on ``--resume``)."""
+        if state:
+            raise CertorchError(f"objective {self.name!r} keeps no state, but the checkpoint has {sorted(state)}")
+
+    def after_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Called after epoch ``epoch`` (1-based) with its record (training metrics and, when
+        the epoch was evaluated, the held-out metrics such as ``nat_acc``); updates state."""
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, state: TrainState) -> LossOutput:
         """The training loss on batch ``x`` (B, C, H, W), ``y`` (B,) at radius ``eps``."""
