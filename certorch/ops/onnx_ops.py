@@ -1,4 +1,5 @@
-"""Element-wise affine module for imported ONNX networks: ``x * scale + shift``.
+"""Modules of imported ONNX networks: :class:`OnnxNetwork` (the graph as a plan over named
+layers) and the element-wise affine module ``x * scale + shift``.
 
 ONNX graphs express normalization and constant bias as ``Sub``/``Div``/``Mul``/``Add`` with
 constant tensors (per channel, per element or scalar). :class:`ElementwiseAffine` is the one
@@ -18,7 +19,7 @@ from certorch.ops.base import AffineOp
 from certorch.ops.maps import AffineMap
 from certorch.ops.registry import register_module_op
 
-__all__ = ["ElementwiseAffine", "ElementwiseAffineMap", "ElementwiseAffineOp"]
+__all__ = ["ElementwiseAffine", "ElementwiseAffineMap", "ElementwiseAffineOp", "OnnxNetwork"]
 
 
 class ElementwiseAffine(nn.Module):
@@ -50,6 +51,32 @@ class ElementwiseAffine(nn.Module):
     def extra_repr(self) -> str:
         shp = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
         return f"scale={shp(self.scale)}, shift={shp(self.shift)}"
+
+
+class OnnxNetwork(nn.Module):
+    """An imported ONNX graph: named submodules in ``layers`` evaluated in topological order.
+
+    ``plan`` is a list of steps ``(out_name, key, in_names)``; ``key`` names a module in
+    ``layers`` or is ``"+"`` (sum of two same-shape tensors). Plain Python control flow over a
+    constant plan, so ``torch.fx`` (certorch's graph capture) traces it into a flat graph.
+    Input (B, *input_shape) -> output (B, *output_shape).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], plan: list[tuple[str, str, tuple[str, ...]]], input_name: str, output_name: str):
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+        self.plan = [(o, k, tuple(i)) for o, k, i in plan]
+        self.input_name = input_name
+        self.output_name = output_name
+
+    def forward(self, x: Tensor) -> Tensor:
+        env = {self.input_name: x}
+        for out, key, ins in self.plan:
+            if key == "+":
+                env[out] = env[ins[0]] + env[ins[1]]
+            else:
+                env[out] = self.layers[key](env[ins[0]])
+        return env[self.output_name]
 
 
 @dataclass

@@ -22,6 +22,7 @@ exporter, ``dynamo=False``, dynamic batch dimension).
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from certorch.errors import CertorchError, UnsupportedOperationError
-from certorch.ops.onnx_ops import ElementwiseAffine
+from certorch.ops.onnx_ops import ElementwiseAffine, OnnxNetwork
 
 __all__ = ["SUPPORTED_OPS", "ImportedNetwork", "OnnxNetwork", "load_onnx", "import_onnx", "export_onnx"]
 
@@ -48,32 +49,9 @@ SUPPORTED_OPS = frozenset(
 )
 #: ONNX element types the importer accepts for the network (onnx.TensorProto.FLOAT, DOUBLE).
 _FLOAT_TYPES = {1: torch.float32, 11: torch.float64}
-
-
-class OnnxNetwork(nn.Module):
-    """An imported ONNX graph: named submodules in ``layers`` evaluated in topological order.
-
-    ``plan`` is a list of steps ``(out_name, key, in_names)``; ``key`` names a module in
-    ``layers`` or is ``"+"`` (sum of two same-shape tensors). Plain Python control flow over a
-    constant plan, so ``torch.fx`` (certorch's graph capture) traces it into a flat graph.
-    Input (B, *input_shape) -> output (B, *output_shape).
-    """
-
-    def __init__(self, layers: dict[str, nn.Module], plan: list[tuple[str, str, tuple[str, ...]]], input_name: str, output_name: str):
-        super().__init__()
-        self.layers = nn.ModuleDict(layers)
-        self.plan = [(o, k, tuple(i)) for o, k, i in plan]
-        self.input_name = input_name
-        self.output_name = output_name
-
-    def forward(self, x: Tensor) -> Tensor:
-        env = {self.input_name: x}
-        for out, key, ins in self.plan:
-            if key == "+":
-                env[out] = env[ins[0]] + env[ins[1]]
-            else:
-                env[out] = self.layers[key](env[ins[0]])
-        return env[self.output_name]
+#: most values one example may have at any point of the graph (VNN-COMP's largest are ~10^6);
+#: shapes are checked on the meta device before anything of that size is allocated
+MAX_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -156,8 +134,15 @@ def import_onnx(proto, where: str = "<model>") -> ImportedNetwork:
             f"{where} uses unsupported ONNX ops: {found}; supported: {', '.join(sorted(SUPPORTED_OPS))}"
         )
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    conv = _Converter(graph, where)
-    module = conv.run()
+    try:
+        conv = _Converter(graph, where)
+        module = conv.run()
+    except CertorchError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, ArithmeticError, AttributeError) as e:
+        # safety net at the input boundary: a graph the checks above let through but that does
+        # not make sense is still bad input, reported in one line
+        raise CertorchError(f"{where}: cannot convert the graph: {_first_line(e)}") from None
     return ImportedNetwork(
         module, conv.input_shape, conv.shapes[conv.output], conv.input_name, conv.output, opset, conv.dtype
     )
@@ -198,7 +183,10 @@ class _Converter:
         self.uses[self.output] += 1
 
     def _array(self, t) -> np.ndarray:
-        """An initializer / Constant tensor as numpy; a corrupt tensor is a one-line error."""
+        """An initializer / Constant tensor as numpy; a corrupt tensor is a one-line error.
+        Tensors stored outside the file (external data) are refused: nothing else is read."""
+        if t.data_location == 1:  # onnx.TensorProto.EXTERNAL
+            raise CertorchError(f"{self.where}: tensor {t.name!r} uses external data, which is not supported")
         try:
             return self._nh.to_array(t)
         except Exception as e:  # noqa: BLE001  (onnx raises several types on corrupt tensors)
@@ -218,7 +206,13 @@ class _Converter:
             if not d.HasField("dim_value") or d.dim_value <= 0:
                 raise CertorchError(f"{self.where}: network input {inp.name!r} has a non-constant dimension {d.dim_param!r}")
             shape.append(int(d.dim_value))
+        self._check_size(None, tuple(shape))
         return tuple(shape)
+
+    def _check_size(self, node, shape: tuple[int, ...]) -> None:
+        if math.prod(shape) > MAX_ELEMENTS:
+            msg = f"{math.prod(shape)} values per example (shape {shape}) exceed the importer's limit of {MAX_ELEMENTS}"
+            raise self._err(node, msg) if node is not None else CertorchError(f"{self.where}: network input: {msg}")
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -238,9 +232,12 @@ class _Converter:
 
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
-    def _tensor(self, a: np.ndarray) -> Tensor:
-        """A constant as a tensor in the network's dtype (float32 or float64)."""
-        return torch.from_numpy(np.array(a, dtype=self.np_dtype, copy=True))
+    def _tensor(self, node, a: np.ndarray) -> Tensor:
+        """A finite constant as a tensor in the network's dtype (float32 or float64)."""
+        t = np.array(a, dtype=self.np_dtype, copy=True)
+        if not np.isfinite(t).all():
+            raise self._err(node, "a constant has NaN or infinite entries (after scaling)")
+        return torch.from_numpy(t)
 
     def _uses(self, x: str) -> int:
         """How many consumers read the value ``x`` (an alias-resolved name), through any alias.
@@ -275,18 +272,19 @@ class _Converter:
             out = None
         if out != tuple(shape):
             raise self._err(node, f"constant of shape {c.shape} does not broadcast to one example {shape}")
-        return self._tensor(c)
+        return self._tensor(node, c)
 
     def _add_layer(self, node, module: nn.Module, x: str) -> None:
         base = re.sub(r"\W+", "_", node.name or "").strip("_") or node.op_type.lower()
         key, i = base, 1
         while key in self.layers or key == "+":
             key, i = f"{base}_{i}", i + 1
-        with torch.no_grad():
+        with torch.no_grad():  # output shape on the meta device: nothing is allocated
             try:
-                y = module(torch.zeros(1, *self.shapes[x], dtype=self.dtype))
-            except RuntimeError as e:
+                y = copy.deepcopy(module).to("meta")(torch.empty(1, *self.shapes[x], dtype=self.dtype, device="meta"))
+            except (RuntimeError, ValueError, TypeError) as e:
                 raise self._err(node, f"does not accept input of shape {self.shapes[x]}: {_first_line(e)}") from None
+        self._check_size(node, tuple(y.shape[1:]))
         self.layers[key] = module
         self.plan.append((node.output[0], key, (x,)))
         self.shapes[node.output[0]] = tuple(y.shape[1:])
@@ -419,9 +417,9 @@ class _Converter:
             raise self._err(node, f"input of shape {self.shapes[x]} does not match a ({W.shape[1]} -> {W.shape[0]}) matrix")
         lin = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, dtype=self.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self._tensor(W))
+            lin.weight.copy_(self._tensor(node, W))
             if bias is not None:
-                lin.bias.copy_(self._tensor(bias))
+                lin.bias.copy_(self._tensor(node, bias))
         self._add_layer(node, lin, x)
 
     def _elementwise(self, node, x: str, scale: np.ndarray | None, shift: np.ndarray | None) -> None:
@@ -521,9 +519,9 @@ class _Converter:
             dilation=tuple(at.get("dilations", (1, 1))), bias=bool(B) and B[0] is not None, dtype=self.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(self._tensor(W))
+            conv.weight.copy_(self._tensor(node, W))
             if conv.bias is not None:
-                conv.bias.copy_(self._tensor(B[0]))
+                conv.bias.copy_(self._tensor(node, B[0]))
         self._add_layer(node, conv, x)
 
     def _op_AveragePool(self, node, at) -> None:
