@@ -28,17 +28,23 @@ def run(args: argparse.Namespace) -> int:
     summary, history = None, []
     if run_dir is not None and (run_dir / "summary.json").is_file():
         try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CertorchError(f"corrupt {run_dir / 'summary.json'}: {e}") from None
+            summary = json.loads((run_dir / "summary.json").read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, digit limit
+            raise CertorchError(f"corrupt {run_dir / 'summary.json'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not isinstance(summary, dict):
+            raise CertorchError(f"corrupt {run_dir / 'summary.json'}: expected a JSON object")
         history = read_history(run_dir)
     if summary is None:  # a loose checkpoint: use its metadata
         c = load_checkpoint(args.run)
         cfg = c.config
+
+        def part(key: str, sub: str):
+            v = cfg.get(key)
+            return v.get(sub) if isinstance(v, dict) else None
+
         summary = {
-            "name": cfg.get("name"), "dataset": (cfg.get("data") or {}).get("dataset"),
-            "model": (cfg.get("model") or {}).get("name"), "method": (cfg.get("method") or {}).get("name"),
-            "epochs_done": c.epoch, "final": c.metrics,
+            "name": cfg.get("name"), "dataset": part("data", "dataset"), "model": part("model", "name"),
+            "method": part("method", "name"), "epochs_done": c.epoch, "final": c.metrics,
         }
         history = [c.metrics] if c.metrics else []
     if args.json:

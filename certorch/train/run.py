@@ -108,7 +108,10 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
         yield run_lock_path(run_dir)
         return
     path = run_lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CertorchError(f"cannot create run directory {run_dir}: a parent path is not a directory") from None
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

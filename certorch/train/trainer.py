@@ -93,8 +93,9 @@ def build_optimizer(cfg: TrainConfig, objective: Objective, model: nn.Module) ->
 
 @torch.no_grad()
 def _clean_pass(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and the (B,) mask of correctly classified examples."""
     logits = model(x)
-    return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+    return F.cross_entropy(logits, y, reduction="sum"), logits.argmax(1) == y
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, objective: Objective | None = None) -> dict[str, float]:
@@ -119,13 +120,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, objective
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for xb, yb in zip(x.split(e.batch_size), y.split(e.batch_size)):
-            l, c = _clean_pass(model, xb, yb)
+            l, ok = _clean_pass(model, xb, yb)
             loss_sum += l
-            correct += c
-            if eps > 0:
-                robust += (~attack(model, xb, yb, eps).success).sum()
+            correct += ok.sum()
+            if eps > 0:  # robust: correct on the clean input AND the attacked one
+                robust += (ok & ~attack(model, xb, yb, eps).success).sum()
             else:
-                robust += c
+                robust += ok.sum()
             if objective is not None:  # per-batch means, summed with batch-size weights
                 for k, v in objective.eval_metrics(model, xb, yb, eps).items():
                     extra[k] = extra.get(k, 0.0) + float(v) * len(yb)

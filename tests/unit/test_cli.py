@@ -207,3 +207,26 @@ def test_resume_with_state_json_list_is_one_line_error(run_dir, capsys, tmp_path
     meta["sha256"]["state_json"] = hashlib.sha256(b"[]").hexdigest()
     meta_path.write_text(json.dumps(meta))
     assert "expected a JSON object, got a list" in error_line(capsys, ["train", "--resume", str(run), "epochs=3"])
+
+
+def test_training_evaluation_robust_accuracy_never_above_natural(monkeypatch):
+    """The trainer's per-epoch pgd_acc uses the same accounting: clean AND attacked correct."""
+    import torch
+    from torch import nn
+
+    from certorch.attacks import Attack, input_gradient, registry
+    from certorch.config import config_from_dict
+    from certorch.train import evaluate
+
+    class Helpful(Attack):
+        def run(self, model, x, y, box, eps):
+            g, _ = input_gradient(model, x, y, "ce")
+            return x - eps * g.sign()
+
+    monkeypatch.setitem(registry._ATTACKS, "helpful", Helpful)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 4, (64,))
+    cfg = config_from_dict({"eval": {"attack": "helpful"}, "eps": {"value": 0.5}})
+    m = evaluate(model, x, y, cfg)
+    assert m["nat_acc"] < 1.0 and m["helpful_acc"] <= m["nat_acc"]
