@@ -43,17 +43,19 @@ def write_history(run_dir: str | Path, history: list[dict[str, Any]]) -> None:
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Records of ``metrics.jsonl`` (an unparsable trailing line is ignored)."""
+    """Records of ``metrics.jsonl``: JSON objects whose ``epoch`` is an integer >= 1 (an
+    unparsable line, e.g. a trailing one cut by a kill, or a record of another shape is ignored)."""
     path = Path(run_dir) / METRICS_JSONL
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, int digit limit
             continue
-        if isinstance(rec, dict):
+        epoch = rec.get("epoch") if isinstance(rec, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
             out.append(rec)
     return out
 

@@ -230,3 +230,16 @@ def test_training_evaluation_robust_accuracy_never_above_natural(monkeypatch):
     cfg = config_from_dict({"eval": {"attack": "helpful"}, "eps": {"value": 0.5}})
     m = evaluate(model, x, y, cfg)
     assert m["nat_acc"] < 1.0 and m["helpful_acc"] <= m["nat_acc"]
+
+
+def test_resume_and_report_skip_metrics_records_of_wrong_shape(run_dir, capsys, tmp_path):
+    run, _ = _copy_run(run_dir, tmp_path)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"epoch": "x"}\n[1, 2]\n{"epoch": 1' + b"0" * 5000 + b"}\n\xff\xfe\n")
+    assert main(["report", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "epochs=3", "--no-progress"]) == 0
+    capsys.readouterr()
+    import json
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
