@@ -88,11 +88,24 @@ def _runner(cfg: dict, model, x, y, eps, C):
     lib, method = cfg["lib"], cfg["method"]
     if lib == "natural":
         return lambda n=None: F.cross_entropy(model(x[:n]), y[:n])
+    if lib == "mixtrain":  # one MixTrain training loss (natural CE on the batch + verified loss on k examples)
+        from certorch.train.objectives import TrainState
+        from certorch.train.objectives.mixtrain import MixTrain
+
+        obj = MixTrain(k=min(cfg["k"], len(y)), bound=method, alpha=0.5)
+        step = iter(range(10**9))
+        return lambda n=None: obj(model, x[:n], y[:n], eps, TrainState(step=next(step))).loss
     if lib == "certorch":
         import certorch as ct
 
         proj = cfg.get("projections")
-        return lambda n=None: -ct.bound(model, x[:n], eps, method=method, y=y[:n], projections=proj, upper=False).lower.mean()
+        from certorch.train.objectives.certified import robust_cross_entropy
+
+        def run(n=None):
+            lower = ct.bound(model, x[:n], eps, method=method, y=y[:n], projections=proj, upper=False).lower
+            return robust_cross_entropy(lower, y[:n]) if cfg.get("robust_ce") else -lower.mean()
+
+        return run
     if lib == "auto_lirpa":
         sys.path.insert(0, str(ROOT))
         from tests.reference.peers import auto_lirpa
