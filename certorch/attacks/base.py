@@ -58,11 +58,16 @@ class AttackResult:
     logits: Tensor
     queries: int
     seconds: float
+    clean_correct: Tensor | None = None  # (B,) bool: the clean prediction is y
 
     @property
     def robust_accuracy(self) -> float:
-        """Fraction of the batch NOT broken by this attack (upper bound on true robust accuracy)."""
-        return float((~self.success).float().mean()) if self.success.numel() else float("nan")
+        """Fraction of the batch classified correctly both clean and at ``x_adv`` (an upper bound
+        on the true robust accuracy; never above the natural accuracy)."""
+        if not self.success.numel():
+            return float("nan")
+        ok = ~self.success if self.clean_correct is None else self.clean_correct & ~self.success
+        return float(ok.float().mean())
 
 
 def worst_margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -233,6 +238,7 @@ class Attack:
                 x_adv = project(x_adv, box)
                 with torch.no_grad():
                     logits = model(x_adv)
+                    clean_correct = model(x).argmax(dim=1) == y
         _check_logits(logits, y)  # also covers a run() that never called the model
         logits = logits.detach()
         margin = worst_margin(logits, y)
@@ -244,6 +250,7 @@ class Attack:
             logits=logits,
             queries=counter.calls,
             seconds=time.perf_counter() - t0,
+            clean_correct=clean_correct.detach(),
         )
 
     def run(self, model: Model, x: Tensor, y: Tensor, box: Box, eps: float | Tensor) -> Tensor:
