@@ -209,23 +209,27 @@ def new_highs(log: TextIO | None = None):
     with _CONSTRUCT_LOCK:
         sys.stdout.flush()
         _libc_fflush()
-        saved = os.dup(1)
         try:
-            if log is not None:
-                sys.stderr.flush()
-                os.dup2(2, 1)
-            else:
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, 1)
-                os.close(null)
+            saved = os.dup(1)
+        except OSError:  # no stdout at all: nothing to protect
+            saved = None
+        try:
+            if saved is not None:
+                target = 2 if log is not None else os.open(os.devnull, os.O_WRONLY)
+                if log is not None:
+                    sys.stderr.flush()
+                os.dup2(target, 1)
+                if target != 2:
+                    os.close(target)
             try:
                 h = hs.Highs()
                 h.setOptionValue("output_flag", False)
             finally:
                 _libc_fflush()
         finally:
-            os.dup2(saved, 1)
-            os.close(saved)
+            if saved is not None:
+                os.dup2(saved, 1)
+                os.close(saved)
     if log is not None:
         h.setOptionValue("output_flag", True)
         h.setOptionValue("log_to_console", False)
