@@ -29,6 +29,8 @@ __all__ = [
     "EvalConfig",
     "CheckpointConfig",
     "CascadeConfig",
+    "StageConfig",
+    "ResolvedStage",
     "TrainConfig",
     "load_config",
     "config_from_dict",
@@ -233,6 +235,51 @@ class CascadeConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (COLT-style layerwise training).
+
+    ``epochs`` (>= 1) of training; ``freeze``: the frozen prefix, a module name (every layer
+    up to and including it gets no gradient and stays in eval mode, keeping its BatchNorm
+    statistics) or an index into the model's layers (leaf modules in order); null: nothing
+    frozen. ``optim``, ``lr_schedule`` and ``eps`` are partial mappings over the run's sections
+    of the same name; ``params`` overrides keys of ``method.params`` (shallow). Every stage
+    starts a fresh optimizer and its own schedules (lr, eps, the objective's) at its epoch 0.
+    """
+
+    epochs: int
+    name: str | None = None
+    freeze: str | int | None = None
+    optim: dict[str, Any] = field(default_factory=dict)
+    lr_schedule: dict[str, Any] = field(default_factory=dict)
+    eps: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.freeze is None or self.freeze != "", "freeze must be a layer name, an index or null")
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A stage with the run's settings filled in: ``start`` is its first (0-based) global epoch."""
+
+    index: int
+    name: str
+    start: int
+    epochs: int
+    freeze: str | int | None
+    optim: OptimConfig
+    lr_schedule: LRScheduleConfig
+    eps: EpsConfig
+    params: dict[str, Any]
+
+    @property
+    def end(self) -> int:
+        """One past the stage's last global epoch."""
+        return self.start + self.epochs
+
+
+@dataclass
 class TrainConfig:
     """The whole training run. ``name`` defaults to the config file's stem.
 
@@ -256,13 +303,38 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    stages: list[StageConfig] | None = None
 
     def __post_init__(self) -> None:
+        if self.stages is not None:
+            require(len(self.stages) > 0, "stages must not be empty (leave the key out for an unstaged run)")
+            require(len(self.stages) <= 1000, f"at most 1000 stages, got {len(self.stages)}")
+            self.epochs = sum(st.epochs for st in self.stages)
+            self.resolved_stages()  # validates every stage's merged sections
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2^63 - 1], got {self.seed}")
         require(self.threads is None or 1 <= self.threads <= 4096, f"threads must be in [1, 4096], got {self.threads}")
         require(bool(self.name) and "/" not in self.name, f"name must be a non-empty file name, got {self.name!r}")
+
+    def resolved_stages(self) -> list[ResolvedStage]:
+        """The stages with the run's ``optim`` / ``lr_schedule`` / ``eps`` / ``method.params``
+        merged in; a run without ``stages`` is one stage of ``epochs`` with nothing frozen."""
+        if not self.stages:
+            return [ResolvedStage(0, "0", 0, self.epochs, None, self.optim, self.lr_schedule, self.eps,
+                                  dict(self.method.params))]
+        out, start = [], 0
+        for i, st in enumerate(self.stages):
+            where = f"stages[{i}]"
+            out.append(ResolvedStage(
+                i, st.name if st.name is not None else str(i), start, st.epochs, st.freeze,
+                from_dict(OptimConfig, {**to_dict(self.optim), **st.optim}, f"{where}.optim"),
+                from_dict(LRScheduleConfig, {**to_dict(self.lr_schedule), **st.lr_schedule}, f"{where}.lr_schedule"),
+                from_dict(EpsConfig, {**to_dict(self.eps), **st.eps}, f"{where}.eps"),
+                {**self.method.params, **st.params},
+            ))
+            start += st.epochs
+        return out
 
     @property
     def eval_eps(self) -> float:
@@ -277,7 +349,11 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
     raw = dict(data or {})
     apply_overrides(raw, overrides)
     check_size(raw)
-    return from_dict(TrainConfig, raw)
+    cfg = from_dict(TrainConfig, raw)
+    if cfg.stages and "epochs" in raw and raw["epochs"] != cfg.epochs:
+        raise CertorchError(f"epochs ({raw['epochs']!r}) must equal the sum of the stages' epochs ({cfg.epochs}) "
+                            "or be left out")
+    return cfg
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

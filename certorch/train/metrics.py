@@ -101,7 +101,8 @@ def _series(ax, history: list[dict[str, Any]], keys: list[str], epochs: list) ->
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """PNG of the run per epoch, written atomically (Agg backend): losses and their parts,
     accuracies (natural, attacked, verified by each bound), schedules and objective state
-    (eps, kappa, beta, alpha, ...), and seconds per epoch."""
+    (eps, kappa, beta, alpha, ...), and seconds per epoch; stage boundaries of staged runs as
+    dashed lines."""
     if not history:
         return None
     import matplotlib
@@ -122,8 +123,12 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     ax_s.set_ylabel("schedules / state")
     _series(ax_t, history, [k for k in ("seconds", "train_seconds", "eval_seconds") if k in keys], epochs)
     ax_t.set_ylabel("seconds")
+    bounds = [r.get("epoch") for q, r in zip(history, history[1:]) if r.get("stage") != q.get("stage")]
     for ax in axes.flat:
         ax.set_xlabel("epoch")
+        for b in bounds:  # staged runs: a dashed line where each stage starts
+            if isinstance(b, (int, float)):
+                ax.axvline(b - 0.5, color="grey", linestyle="--", linewidth=0.8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -68,6 +68,10 @@ class TrainState:
     the epoch), ``t`` (epochs elapsed, fractional), ``progress`` = ``t / total_epochs`` in
     [0, 1], ``eps`` (scheduled training eps), ``eps_target`` (its final value), ``lr``, and
     ``values``: the current value of each named schedule the objective declared.
+
+    In a staged run (``stages:``) ``stage`` is the current stage's index and ``epoch``, ``t``,
+    ``progress``, ``total_epochs``, ``eps_target`` are the stage's own (its schedules restart
+    at its epoch 0); ``step`` stays global. Unstaged runs have ``stage == 0``.
     """
 
     epoch: int = 0
@@ -81,6 +85,7 @@ class TrainState:
     eps_target: float = 0.0
     lr: float = 0.0
     values: dict[str, float] = field(default_factory=dict)
+    stage: int = 0
 
     def value(self, name: str) -> float:
         """Current value of the named schedule ``name`` (one-line error if not declared)."""

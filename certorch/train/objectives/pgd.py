@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from certorch.attacks import PGD
 from certorch.errors import require
+from certorch.nn.mode import eval_mode
 from certorch.train.objectives.base import LossOutput, Objective, TrainState, register_objective
 
 
@@ -54,12 +55,8 @@ class PGDTraining(Objective):
         if eps <= 0:
             logits = model(x)
             return LossOutput(F.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean()}, logits.detach())
-        was_training = model.training
-        model.eval()  # craft the examples without updating BatchNorm statistics or dropout noise
-        try:
+        with eval_mode(model):  # no BatchNorm statistics / dropout noise; each module's flag restored (frozen prefixes)
             x_adv = self.attack()(model, x, y, eps).x_adv.detach()
-        finally:
-            model.train(was_training)
         if w > 0:
             logits_all = model(torch.cat([x, x_adv]))
             clean, adv = logits_all[: x.shape[0]], logits_all[x.shape[0] :]
