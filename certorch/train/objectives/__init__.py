@@ -21,6 +21,7 @@ from certorch.train.objectives import pgd  # noqa: E402,F401
 from certorch.train.objectives import linf_dist  # noqa: E402,F401
 from certorch.train.objectives import certified  # noqa: E402,F401
 from certorch.train.objectives import mixtrain  # noqa: E402,F401
+from certorch.train.objectives import colt  # noqa: E402,F401
 
 __all__ = [
     "LossOutput",
