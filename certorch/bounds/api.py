@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from certorch.bounds import memory
+from certorch.bounds.alpha import AlphaState, check_options, peak_bytes
 from certorch.bounds.backward import row_numel
 from certorch.bounds.context import BoundContext
 from certorch.bounds.ibp import ibp_box
@@ -27,7 +29,9 @@ class BoundResult:
     own BatchNorm statistics (a model in training mode). Every consumer that certifies checks it.
     ``intermediate`` maps node names to the bounds of that node (per-layer access), filled
     when ``return_intermediate=True``; ``regions`` holds forward abstract values
-    (zonotopes / symbolic intervals) by node name for the forward methods.
+    (zonotopes / symbolic intervals) by node name for the forward methods. ``extra`` holds
+    method outputs: ``extra["alpha"]`` is alpha-CROWN's :class:`~certorch.bounds.alpha.AlphaState`
+    (its optimised slopes, for a warm start with ``alpha_state=``).
     """
 
     lower: Tensor
@@ -36,6 +40,7 @@ class BoundResult:
     sound: bool = True
     intermediate: dict[str, Box] = field(default_factory=dict)
     regions: dict[str, object] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_params(model: nn.Module) -> None:
@@ -88,6 +93,9 @@ def bound(
     deadline: float | None = None,
     upper: bool = True,
     patches: bool = True,
+    alpha_iters: int | None = None,
+    alpha_lr: float | None = None,
+    alpha_state: AlphaState | None = None,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
@@ -122,13 +130,18 @@ def bound(
         patches: backward passes that start at a conv map (CROWN intermediate bounds) keep
             their coefficients as windows over the receptive field (much faster on conv nets);
             ``False`` uses dense coefficients (same bounds; for comparison).
+        alpha_iters, alpha_lr: ``alpha-crown`` only: bound passes (default 20) and Adam's
+            learning rate (default 0.5, decayed by 0.98 per step), as auto_LiRPA's CROWN-Optimized.
+        alpha_state: ``alpha-crown`` only: slopes of an earlier call
+            (``result.extra["alpha"]``) to start from (warm start; same network and batch size).
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
     return bound_many(model, x, eps, (method,), y, C, lo, hi, box=box, slope=slope, projections=projections,
                       dtype=dtype, return_intermediate=return_intermediate, generator=generator,
                       max_elements=max_elements, memory_budget=memory_budget, deadline=deadline, upper=upper,
-                      patches=patches)[get_method(method).name]
+                      patches=patches, alpha_iters=alpha_iters, alpha_lr=alpha_lr,
+                      alpha_state=alpha_state)[get_method(method).name]
 
 
 def bound_many(
@@ -152,6 +165,9 @@ def bound_many(
     deadline: float | None = None,
     upper: bool = True,
     patches: bool = True,
+    alpha_iters: int | None = None,
+    alpha_lr: float | None = None,
+    alpha_state: AlphaState | None = None,
 ) -> dict[str, BoundResult]:
     """Several final bounds from one set of intermediate bounds: ``{method name: BoundResult}``.
 
@@ -165,6 +181,9 @@ def bound_many(
         raise CertorchError("give at least one bound method")
     if slope is not None:
         check_slope(slope)
+    options = check_options(alpha_iters, alpha_lr, alpha_state)
+    if options and not any(m.final == "alpha" for m in ms):
+        raise CertorchError(f"alpha_iters/alpha_lr/alpha_state apply to method alpha-crown, not {ms[0].name!r}")
     if projections is not None:
         if not any(m.supports_projections for m in ms):
             raise CertorchError(f"projections are supported by methods zonotope and dual, not {ms[0].name!r}")
@@ -198,7 +217,7 @@ def bound_many(
     base = BoundContext(
         graph=graph, box=box, x=x, dtype=dtype, generator=generator,
         max_elements=max_elements or memory.max_elements_for(budget, itemsize), patches=patches,
-        memory_budget=budget, deadline=deadline, keep_regions=return_intermediate,
+        memory_budget=budget, deadline=deadline, keep_regions=return_intermediate, options=options,
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
     batch_stats = _uses_batch_statistics(graph)
@@ -223,10 +242,10 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
                  return_intermediate: bool, sound: bool) -> BoundResult:
     """One method on ``ctx``, in chunks of examples when the batch does not fit the budget."""
     graph, box, x = ctx.graph, ctx.box, ctx.x
-    chunk = _plan_chunk(m, ctx, budget, itemsize, return_intermediate)
+    chunk = _plan_chunk(m, ctx, budget, itemsize, return_intermediate, spec.shape[1])
     if chunk >= ctx.batch:
         lower, up = run_method(m, ctx, spec, upper)
-        result = BoundResult(lower, up, m.name, sound)
+        result = BoundResult(lower, up, m.name, sound, extra=dict(ctx.extra))
         if return_intermediate:
             _expose(result, graph, [ctx])
         return result
@@ -237,12 +256,15 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
     for s0 in range(0, ctx.batch, chunk):
         sl = slice(s0, min(ctx.batch, s0 + chunk))
         sub = replace(ctx, box=box[sl], x=x[sl], boxes={}, ibp_boxes={}, regions={}, forward_done=set(),
-                      _values=None, _maps=ctx._maps)
+                      _values=None, _maps=ctx._maps, extra={},
+                      options={k: v.select(sl) if isinstance(v, AlphaState) else v for k, v in ctx.options.items()})
         lo_c, up_c = run_method(m, sub, spec[sl], upper)
         lows.append(lo_c)
         ups.append(up_c)
         subs.append(sub)
     result = BoundResult(torch.cat(lows), torch.cat(ups) if ups[0] is not None else None, m.name, sound)
+    if all("alpha" in c.extra for c in subs):
+        result.extra["alpha"] = AlphaState.cat([c.extra["alpha"] for c in subs])
     if return_intermediate:
         _expose(result, graph, subs)
     return result
@@ -258,7 +280,7 @@ def _uses_batch_statistics(graph) -> bool:
     return False
 
 
-def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool) -> int:
+def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool, spec_rows: int = 1) -> int:
     """Examples per chunk that fit the memory budget (see :mod:`certorch.bounds.memory`)."""
     graph = ctx.graph
     forward_kind = m.final if m.final in ("zonotope", "symbolic") else m.intermediate
@@ -279,6 +301,9 @@ def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool
         targets = [n.inputs[0] for n in graph.activation_nodes()] if m.intermediate == "crown" else []
         widest = max([row_numel(ctx, graph.output)] + [row_numel(ctx, t, ctx.patches) for t in targets])
         per = torch.maximum(per, torch.full_like(per, float(memory.backward_peak(widest, itemsize))))
+    if m.final == "alpha":
+        per = torch.maximum(per, torch.full_like(per, peak_bytes(ctx, spec_rows, itemsize)))
+        what = "alpha-CROWN slopes and saved coefficients"
     return memory.plan_batch(per, budget, m.name, what)
 
 

@@ -22,7 +22,7 @@ from certorch.ops.maps import ConvMap, ScaleShiftMap, SumMap
 Coefficients = Tensor | Patches
 
 
-def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds) -> Tensor:
+def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds, rows=None) -> Tensor:
     """Lower bound of ``A . f_target`` with A: (B, S, *shape_target). Returns (B, S).
 
     A may have a leading dim of 1 instead of B when the spec is the same for every example
@@ -31,6 +31,8 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds) 
     factor B of work on the layers next to the target. A may also be :class:`Patches` (rows
     that are windows of a conv map); they stay windows as long as the ops allow.
     ``pre_bounds(i) -> Box`` gives the bounds of node i (the input of an activation).
+    ``rows``: which spec rows A holds (from ``ctx.alpha.rows_of``) when ``ctx.alpha`` gives
+    per-row ReLU lower slopes (alpha-CROWN, :mod:`certorch.bounds.alpha`); None otherwise.
     """
     graph = ctx.graph
     nodes = graph.ancestors(target)
@@ -73,7 +75,9 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds) 
                     f"backward bound methods do not support {node.op.kind!r} (node {node.name!r}); use method='ibp'"
                 )
             box = acts[i]
-            if isinstance(Ai, Patches):
+            if rows is not None:  # optimised lower slopes, one per (spec row, neuron)
+                A_in, c_add = ctx.alpha.relu_backward(relax, rows, i, Ai, box, ctx.slope)
+            elif isinstance(Ai, Patches):
                 B = box.lower.shape[0]
                 lines = relax.backward_lines(box.lower, box.upper, ctx.slope)
                 g = Ai.gather(torch.cat(lines, 0)).flatten(3)  # one gather for the three lines: (3B, U, 1, D)
@@ -212,11 +216,14 @@ def chunked_bounds(
     upper: bool = True,
     unit_rows: int = 1,
     windows: bool = False,
+    ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Lower and upper bounds (B, units * unit_rows) of ``C . f_target`` where ``rows(s0, s1)``
     builds the spec rows of units s0..s1 (``unit_rows`` rows each: (L, (s1 - s0) * unit_rows,
     *shape) or, with ``windows``, :class:`Patches`) on demand, a chunk (:func:`chunk_rows`) at a time.
     ``upper=False`` skips the upper bounds (returned as None): half the work.
+    ``ids``: (units * unit_rows,) identities of the rows (neuron indices of ``target``), needed
+    when ``ctx.alpha`` holds per-row slopes (alpha-CROWN); ignored otherwise.
 
     With autograd recording and more than one chunk, each chunk runs under activation
     checkpointing: its coefficient tensors are freed after the chunk and recomputed during
@@ -231,9 +238,12 @@ def chunked_bounds(
     def chunk(s0: int, s1: int) -> tuple[Tensor, Tensor | None]:
         """Lower bounds (B, k) of rows of units s0..s1 and of their negations (None without upper)."""
         Cc = rows(s0, s1)
+        key = None
+        if ctx.alpha is not None and ids is not None:
+            key = ctx.alpha.rows_of(target, s0, ids[s0 * unit_rows : s1 * unit_rows], upper, unit_rows)
         if not upper:
-            return backward_lower(ctx, target, Cc, pre_bounds), None
-        return split_negation(Cc, backward_lower(ctx, target, with_negation(Cc), pre_bounds))
+            return backward_lower(ctx, target, Cc, pre_bounds, key), None
+        return split_negation(Cc, backward_lower(ctx, target, with_negation(Cc), pre_bounds, key))
 
     lows, ups = [], []
     for s0 in range(0, units, step):

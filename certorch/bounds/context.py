@@ -34,6 +34,9 @@ class BoundContext:
     memory_budget: int | None = None  # bytes; forward interpreters check each node against it
     deadline: float | None = None  # time.perf_counter() value; checked between nodes
     keep_regions: bool = False  # keep every node's forward abstract value (return_intermediate)
+    options: dict[str, Any] = field(default_factory=dict)  # method options from bound() (alpha_iters, ...)
+    alpha: Any = None  # per-row ReLU lower slopes of one alpha-CROWN pass (certorch.bounds.alpha)
+    extra: dict[str, Any] = field(default_factory=dict)  # method outputs for BoundResult.extra
     boxes: dict[int, Box] = field(default_factory=dict)  # bounds per node (the best known)
     ibp_boxes: dict[int, Box] = field(default_factory=dict)
     regions: dict[int, Any] = field(default_factory=dict)  # forward abstract values (zonotope/symbolic)

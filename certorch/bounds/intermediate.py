@@ -67,7 +67,8 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
     shape = tuple(ibp.lower.shape[1:])
     windows = ctx.patches and len(shape) == 3
     rows, units, per_unit, neurons = _spec_plan(shape, windows, unstable, idx_unstable, lo.dtype)
-    low_c, up_c = chunked_bounds(ctx, idx, rows, units, lambda i: pre_bounds(ctx, i), True, per_unit, windows)
+    low_c, up_c = chunked_bounds(ctx, idx, rows, units, lambda i: pre_bounds(ctx, i), True, per_unit, windows,
+                                 neurons if ctx.alpha is not None else None)
     l_c = torch.maximum(low_c, lo[:, neurons])
     u_c = torch.minimum(up_c, up[:, neurons])
     lower = lo.index_copy(1, neurons, l_c).view(B, *shape)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from certorch.bounds.alpha import alpha_bounds
 from certorch.bounds.backward import backward_bounds, offset_dot
 from certorch.bounds.context import BoundContext
 from certorch.bounds.forward import symbolic_region, zonotope_region
@@ -22,8 +23,8 @@ from certorch.relax.relu import LOWER_SLOPES
 @dataclass(frozen=True)
 class BoundMethod:
     name: str
-    final: str  # ibp | zonotope | symbolic | backward
-    intermediate: str  # ibp | crown | zonotope | symbolic
+    final: str  # ibp | zonotope | symbolic | backward | alpha
+    intermediate: str  # ibp | crown | zonotope | symbolic | alpha
     slope: str = "adaptive"  # ReLU lower slope in backward passes
     supports_projections: bool = False
     description: str = ""
@@ -64,6 +65,15 @@ register_method(
         "parallel",
         supports_projections=True,
         description="Wong-Kolter dual network (u/(u-l) slopes); projections=r for Cauchy estimates",
+    )
+)
+register_method(
+    BoundMethod(
+        "alpha-crown",
+        "alpha",
+        "alpha",
+        "adaptive",
+        description="CROWN with optimised ReLU lower slopes per neuron and spec row (alpha_iters=, alpha_lr=, alpha_state=)",
     )
 )
 
@@ -114,6 +124,8 @@ def run_method(method: BoundMethod, ctx: BoundContext, C: Tensor, upper: bool = 
     """
     if method.final == "backward":
         return backward_bounds(ctx, ctx.graph.output, C, lambda i: pre_bounds(ctx, i), upper)
+    if method.final == "alpha":
+        return alpha_bounds(ctx, C, upper)
     node, A, bias = merge_spec(ctx, C)
     if method.final == "ibp":
         box = ibp_box(ctx, node)

@@ -107,3 +107,16 @@ def backward(A: Tensor, l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[T
     lines = (t.flatten(1).unsqueeze(1) for t in backward_lines(l, u, mode))
     A_new, const = apply_lines(A.flatten(2), *lines)
     return A_new.view(A_new.shape[:2] + A.shape[2:]), const
+
+
+def free_lower_lines(s_low: Tensor, ds: Tensor, unstable: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Lines of :func:`backward_lines` form with free lower slopes (alpha-CROWN).
+
+    ``relu(z) >= a * z`` holds for every z when ``0 <= a <= 1``, so on unstable neurons the
+    lower slope becomes ``alpha`` clamped to [0, 1]; stable neurons keep their exact line.
+    ``s_low``, ``ds``, ``unstable``: the neuron's lines and mask laid out to broadcast against
+    ``alpha`` (e.g. (B, 1, n) against per-row slopes (B, S, n)). Returns (s_low, s_up - s_low),
+    each of the broadcast shape; the upper line (``s_up``, ``b_up``) is unchanged.
+    """
+    s = torch.where(unstable, alpha.clamp(0.0, 1.0), s_low)
+    return s, s_low + ds - s

@@ -33,12 +33,12 @@ from certorch.spec import check_finite, linf_ball, margin_matrix
 from certorch.verify.lp import LPStage
 from certorch.verify.milp import MilpStage
 from certorch.verify.results import Verdict, VerificationResult
-from certorch.verify.stages import (AttackStage, BoundStage, CleanStage, LinfDistStage, Problem, Stage, StageOutput,
-                                    float64_forward)
+from certorch.verify.stages import (AlphaCrownStage, AttackStage, BoundStage, CleanStage, LinfDistStage, Problem,
+                                    Stage, StageOutput, float64_forward)
 
 DEFAULT_STAGES = ("pgd", "ibp", "crown", "lp", "milp")
 REFINE_BINARIES = 50
-_BOUND_METHODS = ("ibp", "zonotope", "symbolic", "crown", "crown-ibp", "dual")
+_BOUND_METHODS = ("ibp", "zonotope", "symbolic", "crown", "crown-ibp", "dual", "alpha-crown")
 _COMPLETE_ONLY = ("lp", "refine", "milp")
 
 
@@ -71,7 +71,7 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
         if n in ("pgd", "cw"):
             out.append(AttackStage(n))
         elif n in _BOUND_METHODS:
-            out.append(BoundStage(n))
+            out.append(AlphaCrownStage() if n == "alpha-crown" else BoundStage(n))
         elif n == "linf":
             out.append(LinfDistStage())
         elif n == "lp":

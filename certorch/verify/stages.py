@@ -177,7 +177,7 @@ class BoundStage(Stage):
         with torch.no_grad():
             res = bound(problem.model, problem.center[idx], method=self.method, C=problem.C[idx],
                         box=problem.box[idx], dtype=torch.float64, return_intermediate=keep,
-                        deadline=deadline if math.isfinite(deadline) else None)
+                        deadline=deadline if math.isfinite(deadline) else None, **self.bound_options(problem, idx))
         if not getattr(res, "sound", True):
             raise CertorchError(f"bound method {self.method!r} returned estimates, not sound bounds")
         rows = res.lower + problem.d[idx].to(res.lower.dtype)
@@ -185,12 +185,38 @@ class BoundStage(Stage):
         problem.update_region_lb(idx, reg)
         if keep:
             cache_node_bounds(problem, idx, res.intermediate)
+        self.after_bound(problem, idx, res)
         lower = reg.amin(dim=1)
         return StageOutput([Verdict.VERIFIED if v > 0 else None for v in lower.tolist()], lower=lower)
 
+    def bound_options(self, problem: Problem, idx: Tensor) -> dict:
+        """Extra ``ct.bound`` keywords of this stage."""
+        return {}
+
+    def after_bound(self, problem: Problem, idx: Tensor, res) -> None:
+        """Hook after the bound call (e.g. keep method outputs in ``problem.scratch``)."""
+
+
+class AlphaCrownStage(BoundStage):
+    """alpha-CROWN (optimised ReLU lower slopes), batched, lower bounds only. Its intermediate
+    bounds replace CROWN's in the per-node cache (LP/MILP stages then use the tighter ones); the
+    optimised slopes are kept in ``problem.scratch["alpha"]`` as ``(example indices, AlphaState)``
+    for a later stage's warm start (``state.select(positions)``)."""
+
+    def __init__(self, iters: int | None = None, lr: float | None = None):
+        super().__init__("alpha-crown")
+        self.iters, self.lr = iters, lr
+
+    def bound_options(self, problem, idx):
+        return {"upper": False, "alpha_iters": self.iters, "alpha_lr": self.lr}
+
+    def after_bound(self, problem, idx, res):
+        if "alpha" in res.extra:
+            problem.scratch["alpha"] = (idx.clone(), res.extra["alpha"])
+
 
 def method_keeps_nodes(method: str) -> bool:
-    return method in ("crown",)
+    return method in ("crown", "alpha-crown")
 
 
 def cache_node_bounds(problem: Problem, idx: Tensor, intermediate: dict[str, Box]) -> None:
