@@ -299,7 +299,7 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
     best_boxes = dict(ref_boxes)
     best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
     best_alpha: dict[tuple, Tensor] = {}
-    opt = sched = None
+    opt = None
     for t in range(opts.iters):
         it = _fresh(ctx, intermediate="crown", alpha=store)
         try:
@@ -325,18 +325,47 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
         if t == opts.iters - 1 or not params or not low.requires_grad:
             break
         if opt is None:
-            opt = torch.optim.Adam(params, lr=opts.lr)
-            sched = torch.optim.lr_scheduler.ExponentialLR(opt, LR_DECAY)
+            opt = ProjectedAdam(params, opts.lr)
+        elif len(params) > len(opt.params):  # slots first used in this iteration (not expected)
+            opt.extend(params[len(opt.params):])
         with torch.enable_grad():
             grads = torch.autograd.grad(-low.sum(), params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p in params:
-                p.clamp_(0.0, 1.0)
+        opt.step(list(grads))
     return best, store.export(best_alpha), best_boxes
+
+
+class ProjectedAdam:
+    """Adam (Kingma & Ba, with bias correction; torch's defaults betas (0.9, 0.999), eps 1e-8)
+    on a list of tensors, each step followed by the projection onto [0, 1] and a learning-rate
+    decay (``decay`` per step, as ``ExponentialLR``). Hand-written: building a
+    ``torch.optim`` optimizer imports torch._dynamo (about 2 s in a fresh process), and torch
+    2.13's fused CPU Adam misreads non-contiguous gradients."""
+
+    def __init__(self, params: list[Tensor], lr: float, decay: float = LR_DECAY,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.decay, self.betas, self.eps = params, lr, decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def extend(self, params: list[Tensor]) -> None:
+        self.params = self.params + params
+        self.m += [torch.zeros_like(p) for p in params]
+        self.v += [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor | None]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            if g is None:
+                continue
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, v.sqrt().div_(math.sqrt(bc2)).add_(self.eps), value=-self.lr / bc1)
+            p.clamp_(0.0, 1.0)
+        self.lr *= self.decay
 
 
 def peak_bytes(ctx: BoundContext, spec_rows: int, itemsize: int) -> float:
