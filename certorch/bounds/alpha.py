@@ -152,10 +152,12 @@ class AlphaSlopes:
     # --- what the backward interpreter asks ------------------------------------------------
 
     @staticmethod
-    def rows_of(target: int, s0: int, ids: Tensor, negated: bool, unit_rows: int) -> tuple:
+    def rows_of(target: int, s0: int, ids: Tensor, negated: bool, unit_rows: int, windows: bool) -> tuple:
         """Identity of a chunk of rows: the chunk's start, its row ids, whether the pass also
-        holds the negated rows (:func:`certorch.bounds.backward.with_negation`), rows per window."""
-        return target, s0, ids, negated, unit_rows
+        holds the negated rows (:func:`certorch.bounds.backward.with_negation`), rows per window
+        position, and whether the rows start as windows (:class:`Patches`: rows and negated rows
+        then alternate per window position, also after a conversion to dense)."""
+        return target, s0, ids, negated, unit_rows, windows
 
     def relu_backward(self, relax, rows: tuple, act: int, A, box: Box, mode: str):
         """Push coefficients A (dense (L, S, *shape) or :class:`Patches`) back through the ReLU
@@ -181,14 +183,16 @@ class AlphaSlopes:
 
     def slopes(self, rows: tuple, act: int, init: Tensor, windows: bool) -> Tensor:
         """Slopes in the pass's layout: dense (B, k', n), windows (B, U, G', D); k' = k or 2k
-        and G' = G or 2G with negated rows. ``init``: CROWN's slopes, (B, 1, n) or (B, U, 1, D)."""
-        target, s0, ids, negated, G = rows
+        and G' = G or 2G with negated rows. ``init``: CROWN's slopes, (B, 1, n) or (B, U, 1, D).
+        ``windows``: the coefficients are :class:`Patches` at this activation."""
+        target, s0, ids, negated, G, from_windows = rows
         parts = [self._slot((target, act, sign, s0), ids, init, windows, G) for sign in ((1, -1) if negated else (1,))]
-        if windows:
-            B, k, D = parts[0].shape
-            parts = [p.view(B, k // G, G, D) for p in parts]
-            return torch.cat(parts, 2) if negated else parts[0]
-        return torch.cat(parts, 1) if negated else parts[0]
+        if not from_windows:  # dense spec rows: [rows; negated rows]
+            return torch.cat(parts, 1) if negated else parts[0]
+        B, k, D = parts[0].shape
+        parts = [p.view(B, k // G, G, D) for p in parts]
+        grouped = torch.cat(parts, 2) if negated else parts[0]  # (B, U, G', D), as Patches.stacked_with_negation
+        return grouped if windows else grouped.reshape(B, -1, D)  # Patches.to_dense keeps this row order
 
     def _slot(self, key: tuple[int, int, int, int], ids: Tensor, init: Tensor, windows: bool, G: int) -> Tensor:
         a = self.slots.get(key)

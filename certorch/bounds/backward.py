@@ -240,7 +240,7 @@ def chunked_bounds(
         Cc = rows(s0, s1)
         key = None
         if ctx.alpha is not None and ids is not None:
-            key = ctx.alpha.rows_of(target, s0, ids[s0 * unit_rows : s1 * unit_rows], upper, unit_rows)
+            key = ctx.alpha.rows_of(target, s0, ids[s0 * unit_rows : s1 * unit_rows], upper, unit_rows, windows)
         if not upper:
             return backward_lower(ctx, target, Cc, pre_bounds, key), None
         return split_negation(Cc, backward_lower(ctx, target, with_negation(Cc), pre_bounds, key))
