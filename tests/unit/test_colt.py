@@ -179,3 +179,29 @@ def test_bad_colt_params_are_one_line_errors(tmp_path, change, message):
     with pytest.raises(CertorchError) as err:
         Trainer(config_from_dict(_colt_cfg(**change)), tmp_path / "bad", log=lambda s: None)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_part4_configs_load_with_the_paper_hyperparameters():
+    from pathlib import Path
+
+    from certorch.config import load_config
+
+    files = sorted((Path(__file__).resolve().parents[2] / "configs" / "part4").glob("*.yaml"))
+    assert len(files) == 12
+    for f in files:
+        cfg = load_config(f)
+        obj = build_objective(cfg.method.name, cfg.method.params)
+        obj.check(cfg)  # every stage has a latent layer of the model
+        cpu = f.stem.endswith("-cpu")
+        assert f.read_text().startswith("# CPU variant") == cpu, f.name
+        p = cfg.method.params
+        if cfg.model.name == "colt_mnist":
+            assert (p["steps"], p["step_size"], cfg.optim.name) == (40, 0.035, "adam") and len(cfg.stages) == 3
+            assert cpu or ({s.epochs for s in cfg.stages} == {300} and cfg.optim.lr == 1e-4
+                           and cfg.lr_schedule.milestones[:2] == [110.0, 120.0] and cfg.lr_schedule.gamma == 0.5)
+        else:
+            assert (p["steps"], p["step_size"], cfg.optim.name, cfg.optim.lr) == (8, 0.25, "sgd", 0.03)
+            assert len(cfg.stages) == 4 and cfg.optim.momentum == 0.9
+            assert cpu or ({s.epochs for s in cfg.stages} == {200} and cfg.lr_schedule.milestones[:2] == [70.0, 80.0])
+        assert [s.freeze for s in cfg.stages] == [None] + p["layers"][1:len(cfg.stages)]
+        assert cfg.method.name != "maar" or p["kl_weight"] == 6.0

@@ -159,3 +159,18 @@ def test_bad_stage_configs_are_one_line_errors(tmp_path, change, message):
         Trainer(config_from_dict(staged_cfg(**change)), tmp_path / "bad", log=quiet)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_training_md_staged_example_runs(tmp_path, monkeypatch):
+    """The staged MAAR example of docs/training.md runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "# staged MAAR on digits" in c)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"print": lambda *a, **k: None}
+    exec(compile(code, "training.md", "exec"), scope)
+    stages = scope["staged"].summary["stages"]
+    assert [(s["name"], s["epochs_done"]) for s in stages] == [("input", 1), ("relu1", 1), ("relu2", 1)]
+    assert (tmp_path / "runs" / "maar_digits" / "curves.png").is_file()
