@@ -178,6 +178,18 @@ def test_chunked_rows_and_dense_coefficients_give_the_same_bounds():
         assert torch.allclose(other.upper, ref.upper, atol=1e-9, rtol=0)
 
 
+def test_example_chunks_give_the_same_bounds_and_one_state():
+    """A memory budget that splits the batch into chunks of examples changes nothing per example;
+    the chunks' states are concatenated and serve as a warm start of the whole batch."""
+    model, (x, y), eps = _mlp(3), _inputs(3, 4), 0.12
+    whole = ct.bound(model, x, eps, method="alpha-crown", y=y, alpha_iters=3)
+    chunked = ct.bound(model, x, eps, method="alpha-crown", y=y, alpha_iters=3, memory_budget=900_000)
+    assert torch.allclose(chunked.lower, whole.lower, atol=1e-12, rtol=0)
+    assert chunked.extra["alpha"].batch == 4
+    warm = ct.bound(model, x, eps, method="alpha-crown", y=y, alpha_iters=3, alpha_state=chunked.extra["alpha"])
+    assert warm.lower.mean() > whole.lower.mean()
+
+
 def test_slopes_stay_in_the_unit_interval():
     model, (x, y), eps = _mlp(7), _inputs(7), 0.2
     s = ct.bound(model, x, eps, method="alpha-crown", y=y, alpha_iters=6, alpha_lr=5.0).extra["alpha"]
