@@ -283,8 +283,10 @@ class Trainer:
         tensors, state = ckpt.load_train_state(c)
         epoch = int(state.get("epoch", c.epoch))
         saved = state.get("stage", 0)
-        if isinstance(saved, bool) or not isinstance(saved, int) or not 0 <= saved < len(self.stages):
-            raise CertorchError(f"corrupt checkpoint {c.path}: 'stage' must be a stage index below {len(self.stages)}, got {saved!r}")
+        if isinstance(saved, bool) or not isinstance(saved, int) or saved < 0:
+            raise CertorchError(f"corrupt checkpoint {c.path}: 'stage' must be an integer >= 0, got {saved!r}")
+        if saved >= len(self.stages):
+            raise CertorchError(f"checkpoint {c.path} was saved in stage {saved}, but the config has {len(self.stages)} stage(s)")
         s = stage_at(self.stages, epoch)
         at_boundary = saved == s - 1 and epoch == self.stages[s].start  # stage `saved` ended with this checkpoint
         if saved != s and not at_boundary:

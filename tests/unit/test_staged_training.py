@@ -174,3 +174,11 @@ def test_training_md_staged_example_runs(tmp_path, monkeypatch):
     stages = scope["staged"].summary["stages"]
     assert [(s["name"], s["epochs_done"]) for s in stages] == [("input", 1), ("relu1", 1), ("relu2", 1)]
     assert (tmp_path / "runs" / "maar_digits" / "curves.png").is_file()
+
+
+def test_resume_with_fewer_stages_than_the_checkpoint_is_a_one_line_error(tmp_path):
+    staged = staged_cfg(stages=[{"epochs": 1}, {"epochs": 1, "freeze": "3"}], eval={"size": 0})
+    Trainer(config_from_dict(staged), tmp_path / "r", log=quiet).fit()
+    plain = {k: v for k, v in staged.items() if k != "stages"}
+    with pytest.raises(CertorchError, match=r"saved in stage 1, but the config has 1 stage\(s\)"):
+        Trainer(config_from_dict({**plain, "epochs": 3}), tmp_path / "r", resume=True, log=quiet).fit()
