@@ -310,6 +310,7 @@ class TrainConfig:
             require(len(self.stages) > 0, "stages must not be empty (leave the key out for an unstaged run)")
             require(len(self.stages) <= 1000, f"at most 1000 stages, got {len(self.stages)}")
             self.epochs = sum(st.epochs for st in self.stages)
+            require(self.epochs < 2**63, f"the stages' epochs add up to {self.epochs}, beyond 64 bits")
             self.resolved_stages()  # validates every stage's merged sections
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
