@@ -108,7 +108,7 @@ def bound(
     Args:
         x: (B, *input_shape) clean inputs (pixels in [0, 1]).
         eps: radius, a float or a tensor broadcastable to x (e.g. one per example).
-        method: ``ibp``, ``zonotope``, ``symbolic``, ``crown``, ``crown-ibp`` or ``dual``.
+        method: ``ibp``, ``zonotope``, ``symbolic``, ``crown``, ``crown-ibp``, ``dual`` or ``alpha-crown``.
         y: (B,) labels; with ``C=None`` the spec is the margins ``logit[y] - logit[j]``, j != y,
             so ``lower``/``upper`` have shape (B, K-1).
         C: spec matrix (S, K) or (B, S, K); default identity (bounds on the logits).
