@@ -57,18 +57,45 @@ def available_bytes(device: torch.device | str | None = None) -> int:
         return 8 << 30
 
 
+def _address_space_left() -> int | None:
+    """Bytes of address space left under ``RLIMIT_AS`` (None: unlimited or unknown)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return max(0, soft - used)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
 def default_budget(device: torch.device | str | None = None) -> int:
-    """Half of :func:`available_bytes`: leaves room for autograd, the model and the caller."""
-    return max(1 << 26, available_bytes(device) // 2)
+    """Half of :func:`available_bytes` (and, on CPU, of the address space left under a
+    ``ulimit -v``): leaves room for autograd, the model and the caller."""
+    avail = available_bytes(device)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cpu":
+        left = _address_space_left()
+        if left is not None:
+            avail = min(avail, left)
+    return max(1 << 26, avail // 2)
 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
+#: the largest coefficient tensor of one backward chunk regardless of the budget (bigger chunks
+#: gain no speed and only raise the peak: measured on cnn7 CROWN-IBP fwd+bwd at batch 128)
+MAX_ELEMENTS_CAP = 2**27
+
+
 def max_elements_for(budget: int, itemsize: int) -> int:
     """Largest coefficient tensor (elements) a backward pass may build under ``budget``."""
-    return max(1 << 16, budget // (itemsize * BACKWARD_TENSORS))
+    return max(1 << 16, min(MAX_ELEMENTS_CAP, budget // (itemsize * BACKWARD_TENSORS)))
 
 
 def generator_counts(graph, ibp_boxes: dict, kind: str, projections: int | None, batch: int) -> torch.Tensor:

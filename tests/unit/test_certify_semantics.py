@@ -183,3 +183,20 @@ def test_a_past_deadline_stops_the_bound_call(method):
     model, x = _conv_net(), torch.rand(2, 1, 8, 8, dtype=torch.float64)
     with pytest.raises(DeadlineExceeded):
         ct.bound(model, x, 0.05, method=method, deadline=time.perf_counter() - 1)
+
+
+def test_default_memory_budget_respects_an_address_space_limit():
+    import subprocess
+    import sys
+
+    code = ("import resource; from certorch.bounds import memory; cap = 6 << 30; "
+            "resource.setrlimit(resource.RLIMIT_AS, (cap, cap)); print(memory.default_budget())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) <= 3 << 30
+
+
+def test_backward_chunks_keep_the_old_element_cap():
+    from certorch.bounds import memory
+
+    assert memory.max_elements_for(1 << 40, 4) == memory.MAX_ELEMENTS_CAP
