@@ -94,10 +94,16 @@ def main(argv=None) -> None:
     p.add_argument("--mem-cap", type=float, default=8.0)
     p.add_argument("--out", default=str(bb.ROOT / "docs" / "train_benchmarks.md"))
     p.add_argument("--json", default=str(bb.ROOT / "docs" / "train_benchmarks.json"))
+    p.add_argument("--update", action="store_true", help="re-run only --models, keep the other rows of --json")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     t0, res = time.time(), {}
-    for c in configs(args):
+    if args.update and Path(args.json).is_file():  # keep the other models' rows of an earlier run
+        res = json.loads(Path(args.json).read_text())
+    selected = list(args.models)
+    args.models = [m for m in MODELS if m in selected or any(k.startswith(m + "|") for k in res)]
+    todo = [c for c in configs(args) if c["model"] in selected]
+    for c in todo:
         res[key(c)] = bb.run_config(c, args.timeout)
         print(key(c), json.dumps(res[key(c)]), flush=True)
         Path(args.out).write_text(report(args, res, time.time() - t0))

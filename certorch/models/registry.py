@@ -62,11 +62,13 @@ def register_model(
 
 
 def list_models(dataset: str | None = None) -> list[str]:
-    """Sorted registered names, optionally only those supporting ``dataset``."""
+    """Sorted registered names, optionally only those supporting ``dataset``. Private names
+    (a leading underscore, e.g. test-only models) can be built but are not listed."""
+    public = {n: i for n, i in _MODELS.items() if not n.startswith("_")}
     if dataset is None:
-        return sorted(_MODELS)
+        return sorted(public)
     key = dataset_info(dataset).name
-    return sorted(n for n, i in _MODELS.items() if key in i.datasets)
+    return sorted(n for n, i in public.items() if key in i.datasets)
 
 
 def model_info(name: str) -> ModelInfo:
