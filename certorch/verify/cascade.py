@@ -27,22 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from certorch.nn.mode import eval_mode
 from certorch.verify.pipeline import certify_batch
 from certorch.verify.results import Verdict
 
 
 def _verified(model: nn.Module, x: Tensor, y: Tensor, eps: float, stages, timeout, threads: int,
-              chunk: int) -> tuple[Tensor, Tensor]:
-    """(verified (N,) bool, clean prediction (N,)) of ``model`` on every example, pipeline per chunk."""
-    ok, pred = [], []
+              chunk: int) -> Tensor:
+    """Verified (N,) bool of ``model`` on every example, one pipeline run per chunk."""
+    ok = []
     for xb, yb in zip(x.split(chunk), y.split(chunk)):
         rs = certify_batch(model, xb, yb, eps, stages, timeout, threads=threads)
         ok += [r.verdict == Verdict.VERIFIED for r in rs]
-    with torch.no_grad():
-        for xb in x.split(chunk):
-            p = next(model.parameters(), None)
-            pred.append(model.eval()(xb.to(p.dtype if p is not None else xb.dtype)).argmax(1).cpu())
-    return torch.tensor(ok, dtype=torch.bool), torch.cat(pred) if pred else torch.zeros(0, dtype=torch.long)
+    return torch.tensor(ok, dtype=torch.bool)
 
 
 def paper_rule(certified: Sequence[Tensor], preds: Sequence[Tensor], y: Tensor) -> list[dict[str, float]]:
@@ -85,18 +82,17 @@ def certify_cascade(models: Sequence[nn.Module], x: Tensor, y: Tensor, eps: floa
         c = torch.zeros(len(y), dtype=torch.bool)
         idx = remaining.nonzero().flatten()
         if idx.numel():
-            ok, _ = _verified(model, x[idx], y[idx], eps, stages, timeout, threads, chunk)
-            c[idx] = ok
-        with torch.no_grad():
+            c[idx] = _verified(model, x[idx], y[idx], eps, stages, timeout, threads, chunk)
+        with eval_mode(model), torch.no_grad():  # the caller's train/eval flags are restored
             p = next(model.parameters(), None)
-            preds.append(torch.cat([model.eval()(xb.to(p.dtype)).argmax(1).cpu() for xb in x.split(chunk)]))
+            preds.append(torch.cat([model(xb.to(p.dtype)).argmax(1).cpu() for xb in x.split(chunk)]))
         certified.append(c)
         remaining &= ~c
     report: dict[str, Any] = {"eps": eps, "examples": len(y), "paper_rule": paper_rule(certified, preds, y.cpu())}
     if sound:
         from certorch.bounds.api import certified as ct_certified
 
-        at_eps = [_verified(m, x, y, eps, stages, timeout, threads, chunk)[0] for m in models]
+        at_eps = [_verified(m, x, y, eps, stages, timeout, threads, chunk) for m in models]
         ibp2 = [torch.cat([ct_certified(m, xb, yb, 2 * eps, method="ibp").cpu()
                            for xb, yb in zip(x.split(chunk), y.split(chunk))]) for m in models]
         report["sound_robust_err"] = float((~sound_rule(at_eps)).float().mean())
