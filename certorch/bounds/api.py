@@ -15,7 +15,7 @@ from certorch.bounds.context import BoundContext
 from certorch.bounds.ibp import ibp_box
 from certorch.bounds.methods import check_slope, get_method, run_method
 from certorch.domains.box import Box
-from certorch.errors import CertorchError
+from certorch.errors import CertorchError, MemoryBudgetError
 from certorch.graph.capture import capture
 from certorch.spec import check_eps, check_finite, linf_ball, margin_matrix
 
@@ -244,24 +244,38 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
     graph, box, x = ctx.graph, ctx.box, ctx.x
     chunk = _plan_chunk(m, ctx, budget, itemsize, return_intermediate, spec.shape[1])
     if chunk >= ctx.batch:
-        lower, up = run_method(m, ctx, spec, upper)
-        result = BoundResult(lower, up, m.name, sound, extra=dict(ctx.extra))
-        if return_intermediate:
-            _expose(result, graph, [ctx])
-        return result
+        try:
+            lower, up = run_method(m, ctx, spec, upper)
+        except MemoryBudgetError:  # a node check found more than planned (batch-union error terms)
+            if ctx.batch == 1:
+                raise
+            chunk = ctx.batch // 2
+        else:
+            result = BoundResult(lower, up, m.name, sound, extra=dict(ctx.extra))
+            if return_intermediate:
+                _expose(result, graph, [ctx])
+            return result
     for n in graph.nodes:  # affine maps from the whole batch (train-mode BatchNorm statistics), shared
         if n.is_affine:
             ctx.affine_map(n.index)
     lows, ups, subs = [], [], []
-    for s0 in range(0, ctx.batch, chunk):
+    s0 = 0
+    while s0 < ctx.batch:  # loop over memory chunks of examples; a chunk that fails a node check is halved
         sl = slice(s0, min(ctx.batch, s0 + chunk))
         sub = replace(ctx, box=box[sl], x=x[sl], boxes={}, ibp_boxes={}, regions={}, forward_done=set(),
                       _values=None, _maps=ctx._maps, extra={},
                       options={k: v.select(sl) if isinstance(v, AlphaState) else v for k, v in ctx.options.items()})
-        lo_c, up_c = run_method(m, sub, spec[sl], upper)
+        try:
+            lo_c, up_c = run_method(m, sub, spec[sl], upper)
+        except MemoryBudgetError:
+            if chunk == 1:
+                raise
+            chunk //= 2
+            continue
         lows.append(lo_c)
         ups.append(up_c)
         subs.append(sub)
+        s0 = sl.stop
     result = BoundResult(torch.cat(lows), torch.cat(ups) if ups[0] is not None else None, m.name, sound)
     if all("alpha" in c.extra for c in subs):
         result.extra["alpha"] = AlphaState.cat([c.extra["alpha"] for c in subs])
@@ -286,6 +300,7 @@ def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool
     forward_kind = m.final if m.final in ("zonotope", "symbolic") else m.intermediate
     per = torch.zeros(ctx.batch, dtype=torch.float64)
     what = "spec rows"
+    floor = None
     if forward_kind in ("zonotope", "symbolic"):
         ibp_boxes: dict = {}
         if not ctx.projections:  # exact zonotopes: error terms per IBP-unstable neuron
@@ -297,14 +312,21 @@ def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool
         gens = memory.generator_counts(graph, ibp_boxes, forward_kind, ctx.projections, ctx.batch)
         per = memory.forward_peak(graph, gens, itemsize, graph.output, keep_all)
         what = f"{forward_kind} coefficients"
+        if forward_kind == "zonotope" and not ctx.projections:  # IBP counts: a likely maximum only
+            least = memory.generator_counts(graph, None, forward_kind, None, ctx.batch)
+            floor = memory.forward_peak(graph, least, itemsize, graph.output, keep_all, slack=1.0, margin=1.0)
+    exact = torch.zeros_like(per)  # backward rows and alpha state: sizes known exactly
     if m.final == "backward" or m.intermediate == "crown":
         targets = [n.inputs[0] for n in graph.activation_nodes()] if m.intermediate == "crown" else []
         widest = max([row_numel(ctx, graph.output)] + [row_numel(ctx, t, ctx.patches) for t in targets])
-        per = torch.maximum(per, torch.full_like(per, float(memory.backward_peak(widest, itemsize))))
+        exact = torch.full_like(per, float(memory.backward_peak(widest, itemsize)))
     if m.final == "alpha":
-        per = torch.maximum(per, torch.full_like(per, peak_bytes(ctx, spec_rows, itemsize)))
+        exact = torch.maximum(exact, torch.full_like(per, peak_bytes(ctx, spec_rows, itemsize)))
         what = "alpha-CROWN slopes and saved coefficients"
-    return memory.plan_batch(per, budget, m.name, what)
+    per = torch.maximum(per, exact)
+    if floor is not None:
+        floor = torch.maximum(floor, exact)
+    return memory.plan_batch(per, budget, m.name, what, floor)
 
 
 def _expose(result: BoundResult, graph, ctxs: list[BoundContext]) -> None:

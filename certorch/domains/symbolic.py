@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from certorch.domains.box import Box
-from certorch.ops.maps import AffineMap
+from certorch.ops.maps import AffineMap, map_rows
 
 
 @dataclass
@@ -76,8 +76,10 @@ class SymbolicInterval:
             low_c, up_c = low_c + off, up_c + off
         B, n = self.low.coef.shape[:2]
         flat = lambda t: t.reshape(B * n, *t.shape[2:])  # noqa: E731
-        low_k = m.apply_signed([flat(s.low.coef) for s in ss], [flat(s.up.coef) for s in ss])
-        up_k = m.apply_signed([flat(s.up.coef) for s in ss], [flat(s.low.coef) for s in ss])
+        k = len(ss)
+        signed = lambda *t: m.apply_signed(t[:k], t[k:])  # noqa: E731
+        low_k = map_rows(signed, [flat(s.low.coef) for s in ss] + [flat(s.up.coef) for s in ss])
+        up_k = map_rows(signed, [flat(s.up.coef) for s in ss] + [flat(s.low.coef) for s in ss])
         shape = low_c.shape[1:]
         return SymbolicInterval(
             AffineForm(low_c, low_k.reshape(B, n, *shape)), AffineForm(up_c, up_k.reshape(B, n, *shape))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from certorch.domains.box import Box
-from certorch.ops.maps import AffineMap
+from certorch.ops.maps import AffineMap, map_rows
 
 
 def cauchy_like(shape, ref: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -27,7 +27,7 @@ def l1_estimate(G: Tensor, projected: bool) -> Tensor:
     """Per-position L1 norm over generators (dim 1): exact sum, or the Cauchy median estimate."""
     if projected:
         return G.abs().median(dim=1).values
-    return G.abs().sum(dim=1)
+    return torch.linalg.vector_norm(G, ord=1, dim=1)  # one fused reduction: no |G| copy of the block
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Zonotope:
                 gens.append(torch.zeros_like(ref) if g is None else g)
             m_k = ref.shape[1]
             flat = [g.reshape(B * m_k, *g.shape[2:]) for g in gens]
-            blocks[k] = m.apply(*flat).reshape(B, m_k, *out_shape)
+            blocks[k] = map_rows(m.apply, flat).reshape(B, m_k, *out_shape)
         projected = frozenset().union(*(z.projected for z in zs))
         return Zonotope(center, blocks, projected)
 
@@ -120,7 +120,7 @@ class Zonotope:
         if idx.numel() == 0:
             return self
         G = torch.zeros(B, idx.numel(), flat.shape[1], dtype=mu.dtype, device=mu.device)
-        G = G.scatter(2, idx.view(1, -1, 1).expand(B, -1, 1), flat[:, idx].unsqueeze(2))
+        G.scatter_(2, idx.view(1, -1, 1).expand(B, -1, 1), flat[:, idx].unsqueeze(2))  # in place: one copy
         return Zonotope(self.center, {**self.blocks, block_id: G.view(B, idx.numel(), *shape)}, self.projected)
 
     def linear_bounds(self, A: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import certorch as ct
+from certorch.errors import MemoryBudgetError
 from certorch.models import build
 from tests.soundness.bound_checks import METHODS, assert_within, pgd_points, sample_box, spec_values
 
@@ -59,8 +60,11 @@ def test_zoo_bounds_contain_samples_float64(name, dataset, method, n):
     x[1].view(-1)[:5] = 1.0
     y = torch.tensor([3, 7])
     eps = 0.005
-    with torch.no_grad():
-        b = ct.bound(model, x, eps, method=method, y=y)
+    try:
+        with torch.no_grad():
+            b = ct.bound(model, x, eps, method=method, y=y)
+    except MemoryBudgetError as e:  # refused before allocating: the promised behaviour, nothing to check
+        pytest.skip(f"does not fit this machine's default memory budget: {e}")
     box = ct.linf_ball(x, eps)
     C = ct.margin_matrix(y, 10).double()
     assert_within(spec_values(model, sample_box(box, n, g), C), b.lower, b.upper)
