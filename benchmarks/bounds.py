@@ -95,6 +95,10 @@ def _runner(cfg: dict, model, x, y, eps, C):
         obj = MixTrain(k=min(cfg["k"], len(y)), bound=method, alpha=0.5)
         step = iter(range(10**9))
         return lambda n=None: obj(model, x[:n], y[:n], eps, TrainState(step=next(step))).loss
+    if lib == "certorch_fused":  # loss fusion: one spec row per example (certorch.train.robust_loss)
+        from certorch.train.robust_loss import fused_cross_entropy_bound
+
+        return lambda n=None: fused_cross_entropy_bound(model, x[:n], y[:n], eps, method)[0].mean()
     if lib == "certorch":
         import certorch as ct
 

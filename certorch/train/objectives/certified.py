@@ -7,6 +7,11 @@ the clean loss by a scheduled weight ``kappa`` (1 -> ``kappa_end``):
 ``beta * crown_ibp + (1 - beta) * ibp`` with ``beta`` scheduled 1 -> 0 (Zhang et al. 2020); both
 come from one IBP pass (``ct.bound_many``).
 
+``fusion: true`` (the default of ``crown_ibp``) bounds the loss itself instead of the K-1 margins
+(:func:`certorch.train.robust_loss.fused_cross_entropy_bound`: one backward row per example), and
+mixes the *loss bounds*: ``beta * fused(bound) + (1 - beta) * robust_ce(ibp)``, both upper bounds of
+the loss. The logged ``verified`` is then IBP's (the fused bound has no margins).
+
 Evaluation may use other bounds than training (``eval_bounds``): training on ``dual`` with
 ``projections: 50`` (estimates) is evaluated with the exact ``dual`` bound (certificates, float64).
 The estimate's own verified fraction is logged as ``est_verified_acc`` (never a certificate).
@@ -23,12 +28,9 @@ import certorch.bounds as bounds
 from certorch.config.schema import ScheduleConfig
 from certorch.errors import require
 from certorch.train.objectives.base import LossOutput, Objective, TrainState, register_objective
+from certorch.train.robust_loss import fused_cross_entropy_bound, robust_cross_entropy
 
-
-def robust_cross_entropy(lower: Tensor, y: Tensor) -> Tensor:
-    """CE of the worst-case logits: ``lower`` (B, K-1) margin lower bounds -> scalar loss."""
-    z = torch.cat([torch.zeros_like(lower[:, :1]), -lower], dim=1)
-    return F.cross_entropy(z, torch.zeros_like(y))
+__all__ = ["CertifiedTraining", "robust_cross_entropy"]
 
 
 @register_objective("certified")
@@ -42,6 +44,7 @@ class CertifiedTraining(Objective):
         kappa: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(start=1.0, end=0.5))
         beta: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(start=1.0, end=0.0))
         eval_bounds: list[str] | None = None  # certify with these at evaluation (default: [bound], exact)
+        fusion: bool = False  # bound the loss itself (one spec row) instead of the K-1 margins
 
         def __post_init__(self) -> None:
             m = bounds.get_method(self.bound)
@@ -67,14 +70,31 @@ class CertifiedTraining(Objective):
             return beta * both["crown-ibp"].lower + (1 - beta) * both["ibp"].lower
         return bounds.bound(model, x, eps, method=p.bound, y=y, projections=p.projections, upper=False).lower
 
+    def fused_loss(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float) -> tuple[Tensor, Tensor]:
+        """Loss-fusion robust loss (scalar) and the IBP margin lower bounds (B, K-1) it used."""
+        p = self.params
+        ibp = bounds.bound(model, x, eps, method="ibp", y=y, upper=True)
+        ibp_loss = robust_cross_entropy(ibp.lower, y)
+        method = p.bound if p.bound != "crown-ibp" or beta > 0 else "ibp"
+        if method == "ibp":
+            return ibp_loss, ibp.lower
+        fused, _ = fused_cross_entropy_bound(model, x, y, eps, method, ibp=ibp, projections=p.projections)
+        if p.bound == "crown-ibp" and beta < 1:
+            return beta * fused.mean() + (1 - beta) * ibp_loss, ibp.lower
+        return fused.mean(), ibp.lower
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, state: TrainState) -> LossOutput:
         logits = model(x)
         clean = F.cross_entropy(logits, y)
         kappa = state.values.get("kappa", 1.0)
         if eps <= 0:
             return LossOutput(clean, {"robust_loss": 0.0}, logits.detach())
-        lower = self.margin_lower(model, x, y, eps, state.values.get("beta", 1.0))
-        robust = robust_cross_entropy(lower, y)
+        beta = state.values.get("beta", 1.0)
+        if self.params.fusion:
+            robust, lower = self.fused_loss(model, x, y, eps, beta)
+        else:
+            lower = self.margin_lower(model, x, y, eps, beta)
+            robust = robust_cross_entropy(lower, y)
         metrics = {"robust_loss": robust.detach(), "verified": (lower > 0).all(1).float().mean().detach()}
         return LossOutput(kappa * clean + (1 - kappa) * robust, metrics, logits.detach())
 
@@ -111,6 +131,7 @@ class CrownIBPTraining(CertifiedTraining):
     @dataclass(kw_only=True)
     class Params(CertifiedTraining.Params):
         bound: str = "crown-ibp"
+        fusion: bool = True
 
 
 @register_objective("convex_adversarial")
