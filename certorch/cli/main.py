@@ -27,6 +27,7 @@ COMMANDS: list[str] = [
     "verify",
     "certify",
     "download",
+    "diagnose",
 ]
 
 ENV_DATA = "CERTORCH_DATA"
