@@ -1,0 +1,63 @@
+"""Interleaved training-step comparison (not a test): ours and the peer alternate in one process,
+so both see the same machine load; median of ``--rounds`` alternations.
+
+    .venv/bin/python benchmarks/interleaved.py --models mnist_small,cifar_small,cnn7 --threads 1
+
+Rows: CROWN-IBP with loss fusion (certorch's ``crown_ibp`` default), CROWN-IBP on the K-1
+margins (certorch), and auto_LiRPA 0.3's CROWN-IBP on the margins (``bound_upper=False``);
+forward + backward of the robust loss at batch 128 on random inputs, models without Normalize.
+Used when the machine is shared (``benchmarks/train_step.py`` runs configurations one after the
+other in subprocesses and is the reference on an idle machine).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bounds as bb  # noqa: E402
+
+ROWS = [("certorch_fused", "crown-ibp"), ("certorch", "crown-ibp"), ("auto_lirpa", "crown-ibp")]
+
+
+def main(argv=None) -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="mnist_small,cifar_small")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batch", type=int, default=128)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# {bb.hardware(args.threads)}; batch {args.batch}; median of {args.rounds} interleaved rounds\n")
+    print("| model | " + " | ".join(f"{lib} {m} s" for lib, m in ROWS) + " | fused / auto_LiRPA | margins / auto_LiRPA |")
+    print("|---|" + "---|" * (len(ROWS) + 2))
+    for name in [m for m in args.models.split(",") if m]:
+        cfg = {"model": name, "batch": args.batch, "robust_ce": True}
+        model, x, y, eps, C = bb._setup(cfg)
+        runs = []
+        for lib, meth in ROWS:
+            run = bb._runner({**cfg, "lib": lib, "method": meth}, model, x, y, eps, C)
+
+            def step(run=run):
+                model.zero_grad(set_to_none=True)
+                run().backward()
+            step()  # warm-up (capture, tracing)
+            runs.append(step)
+        times = [[] for _ in ROWS]
+        for _ in range(args.rounds):
+            for i, step in enumerate(runs):
+                t = time.perf_counter()
+                step()
+                times[i].append(time.perf_counter() - t)
+        med = [statistics.median(t) for t in times]
+        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in med) + f" | {med[0] / med[2]:.2f} | {med[1] / med[2]:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
