@@ -250,6 +250,7 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
             if ctx.batch == 1:
                 raise
             chunk = ctx.batch // 2
+            ctx.regions, ctx.forward_done = {}, set()  # free the partial whole-batch regions
         else:
             result = BoundResult(lower, up, m.name, sound, extra=dict(ctx.extra))
             if return_intermediate:
