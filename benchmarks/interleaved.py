@@ -2,6 +2,7 @@
 so both see the same machine load; median of ``--rounds`` alternations.
 
     .venv/bin/python benchmarks/interleaved.py --models mnist_small,cifar_small,cnn7 --threads 1
+    .venv/bin/python benchmarks/interleaved.py --set ibp --models mnist_small,cifar_small,cnn7
 
 Rows: CROWN-IBP with loss fusion (certorch's ``crown_ibp`` default), CROWN-IBP on the K-1
 margins (certorch), and auto_LiRPA 0.3's CROWN-IBP on the margins (``bound_upper=False``);
@@ -20,7 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bounds as bb  # noqa: E402
 
-ROWS = [("certorch_fused", "crown-ibp"), ("certorch", "crown-ibp"), ("auto_lirpa", "crown-ibp")]
+SETS = {  # the last row is the peer every other row is divided by
+    "crown-ibp": [("certorch_fused", "crown-ibp"), ("certorch", "crown-ibp"), ("auto_lirpa", "crown-ibp")],
+    "ibp": [("certorch", "ibp"), ("auto_lirpa", "ibp")],
+}
 
 
 def main(argv=None) -> None:
@@ -31,11 +35,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--set", default="crown-ibp", choices=sorted(SETS))
     args = p.parse_args(argv)
+    ROWS = SETS[args.set]
     torch.set_num_threads(args.threads)
     print(f"# {bb.hardware(args.threads)}; batch {args.batch}; median of {args.rounds} interleaved rounds\n")
-    print("| model | " + " | ".join(f"{lib} {m} s" for lib, m in ROWS) + " | fused / auto_LiRPA | margins / auto_LiRPA |")
-    print("|---|" + "---|" * (len(ROWS) + 2))
+    ratios = [f"{lib} / {ROWS[-1][0]}" for lib, _ in ROWS[:-1]]
+    print("| model | " + " | ".join(f"{lib} {m} s" for lib, m in ROWS) + " | " + " | ".join(ratios) + " |")
+    print("|---|" + "---|" * (2 * len(ROWS) - 1))
     for name in [m for m in args.models.split(",") if m]:
         cfg = {"model": name, "batch": args.batch, "robust_ce": True}
         model, x, y, eps, C = bb._setup(cfg)
@@ -55,8 +62,8 @@ def main(argv=None) -> None:
                 step()
                 times[i].append(time.perf_counter() - t)
         med = [statistics.median(t) for t in times]
-        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in med) + f" | {med[0] / med[2]:.2f} | {med[1] / med[2]:.2f} |",
-              flush=True)
+        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in med) + " | "
+              + " | ".join(f"{m / med[-1]:.2f}" for m in med[:-1]) + " |", flush=True)
 
 
 if __name__ == "__main__":
