@@ -14,12 +14,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from certorch.errors import CertorchError
+from certorch.errors import CertorchError, UnsupportedOperationError
 from certorch.ops.base import AffineOp
-from certorch.ops.maps import AffineMap
+from certorch.ops.maps import AffineMap, NonNegativeLinearMap
 from certorch.ops.registry import register_module_op
 
-__all__ = ["ElementwiseAffine", "ElementwiseAffineMap", "ElementwiseAffineOp", "OnnxNetwork"]
+__all__ = ["ElementwiseAffine", "ElementwiseAffineMap", "ElementwiseAffineOp", "OnnxNetwork", "Permute"]
+
+
+class Permute(nn.Module):
+    """Permute the per-example dimensions (ONNX ``Transpose`` with the batch kept first, e.g. an
+    NHWC input to NCHW): ``dims`` is a permutation of ``range(example ndim)``.
+    Input (B, *shape) -> (B, *[shape[d] for d in dims])."""
+
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        super().__init__()
+        if sorted(dims) != list(range(len(dims))):
+            raise CertorchError(f"Permute: {list(dims)} is not a permutation of 0..{len(dims) - 1}")
+        self.dims = tuple(int(d) for d in dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, *(d + 1 for d in self.dims))
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
 
 
 class ElementwiseAffine(nn.Module):
@@ -122,3 +140,25 @@ class ElementwiseAffineOp(AffineOp):
 
 
 register_module_op(ElementwiseAffine)(lambda m, ins, out: ElementwiseAffineOp(m, ins[0], out))
+
+
+class PermuteOp(AffineOp):
+    """A permutation (0/1 coefficients): a non-negative linear map, exact in every domain."""
+
+    kind = "permute"
+
+    def __init__(self, module: nn.Module, in_shape):
+        self.module, self.in_shape = module, tuple(in_shape)
+
+    def affine(self, dtype, values=None) -> AffineMap:
+        return NonNegativeLinearMap(self.module, self.in_shape)
+
+
+def _zero_pad(m: nn.ConstantPad2d, ins, out) -> AffineOp:
+    if float(m.value) != 0.0:
+        raise UnsupportedOperationError(f"constant padding with value {m.value} is not supported (zero padding only)")
+    return PermuteOp(m, ins[0])
+
+
+register_module_op(Permute)(lambda m, ins, out: PermuteOp(m, ins[0]))
+register_module_op(nn.ZeroPad2d, nn.ConstantPad2d)(_zero_pad)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from certorch.errors import CertorchError, UnsupportedOperationError
-from certorch.ops.onnx_ops import ElementwiseAffine, OnnxNetwork
+from certorch.ops.onnx_ops import ElementwiseAffine, OnnxNetwork, Permute
 
 __all__ = ["SUPPORTED_OPS", "ImportedNetwork", "OnnxNetwork", "load_onnx", "import_onnx", "export_onnx"]
 
@@ -44,7 +44,7 @@ __all__ = ["SUPPORTED_OPS", "ImportedNetwork", "OnnxNetwork", "load_onnx", "impo
 SUPPORTED_OPS = frozenset(
     {
         "Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "Add", "Sub", "Div", "Mul",
-        "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout",
+        "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout", "Transpose", "Pad",
     }
 )
 #: ONNX element types the importer accepts for the network (onnx.TensorProto.FLOAT, DOUBLE).
@@ -523,6 +523,52 @@ class _Converter:
             if conv.bias is not None:
                 conv.bias.copy_(self._tensor(node, B[0]))
         self._add_layer(node, conv, x)
+
+    def _op_Transpose(self, node, at) -> None:
+        if self._fold(node, lambda a: np.transpose(a, at.get("perm"))):
+            return
+        x, _ = self._split(node)
+        nd = len(self.shapes[x]) + 1
+        perm = [int(p) for p in at.get("perm", list(range(nd))[::-1])]
+        if sorted(perm) != list(range(nd)) or perm[0] != 0:
+            raise self._err(node, f"perm={perm} must keep the batch dimension first (only per-example permutations)")
+        dims = tuple(p - 1 for p in perm[1:])
+        if dims == tuple(range(nd - 1)):
+            self.alias[node.output[0]] = x
+            return
+        self._add_layer(node, Permute(dims), x)
+
+    def _op_Pad(self, node, at) -> None:
+        names = [self._name(i) for i in node.input]
+        mode = at.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            raise self._err(node, f"mode={mode} is not supported (constant zero padding only)")
+        if len(names) > 1 and names[1]:
+            if names[1] not in self.consts:
+                raise self._err(node, "the pads must be a constant")
+            pads = [int(v) for v in np.asarray(self.consts[names[1]]).flatten()]
+        else:
+            pads = [int(v) for v in at.get("pads", [])]
+        value = 0.0
+        if len(names) > 2 and names[2]:
+            if names[2] not in self.consts:
+                raise self._err(node, "the constant value must be a constant")
+            value = float(np.asarray(self.consts[names[2]]).flatten()[0])
+        value = float(at.get("value", value))
+        if len(names) > 3 and names[3]:
+            raise self._err(node, "Pad with axes is not supported")
+        x = names[0]
+        if x in self.consts:
+            raise self._err(node, "padding a constant is not supported")
+        nd = len(self.shapes[x]) + 1
+        if nd != 4 or len(pads) != 8:
+            raise self._err(node, f"only 2-d padding of (N, C, H, W) tensors is supported, got pads={pads}")
+        if value != 0.0:
+            raise self._err(node, f"constant value {value} is not supported (zero padding only)")
+        if any(p < 0 for p in pads) or pads[0] or pads[1] or pads[4] or pads[5]:
+            raise self._err(node, f"only non-negative padding of H and W is supported, got pads={pads}")
+        self._add_layer(node, nn.ZeroPad2d((pads[3], pads[7], pads[2], pads[6])), x)
 
     def _op_AveragePool(self, node, at) -> None:
         x, _ = self._split(node)
