@@ -90,3 +90,14 @@ def test_huge_logit_gaps_do_not_overflow_and_gradients_are_finite():
     assert torch.isfinite(loss).all() and (loss > 10).all()
     loss.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
+def test_crown_ibp_objective_fuses_by_default_and_its_robust_loss_bounds_the_worst_ce(beta):
+    from certorch.train.objectives import TrainState, build_objective
+
+    obj = build_objective("crown_ibp", {})
+    assert obj.params.fusion and not build_objective("crown_ibp", {"fusion": False}).params.fusion
+    model, (x, y) = _net(), _data()
+    out = obj(model, x, y, 0.1, TrainState(step=0, values={"kappa": 0.0, "beta": beta}))
+    assert float(out.loss.detach()) >= float(_worst_ce_by_pgd(model, x, y, 0.1).mean()) - 1e-9
