@@ -62,14 +62,23 @@ class ReshapeOp(AffineOp):
         return ReshapeMap(self.in_shape, self.out_shape)
 
 
-class AvgPool2dOp(AffineOp):
-    kind = "avgpool2d"
+class NonNegativeModuleOp(AffineOp):
+    """A module computing a linear map with non-negative coefficients (average pooling, a
+    permutation, zero padding): exact in every bound method through :class:`NonNegativeLinearMap`."""
 
-    def __init__(self, module: nn.AvgPool2d, in_shape):
+    kind = "nonnegative-linear"
+
+    def __init__(self, module: nn.Module, in_shape, kind: str | None = None):
         self.module, self.in_shape = module, tuple(in_shape)
+        if kind is not None:
+            self.kind = kind
 
     def affine(self, dtype, values=None) -> AffineMap:
         return NonNegativeLinearMap(self.module, self.in_shape)
+
+
+class AvgPool2dOp(NonNegativeModuleOp):
+    kind = "avgpool2d"
 
 
 class NormalizeOp(AffineOp):

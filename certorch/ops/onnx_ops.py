@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from certorch.errors import CertorchError, UnsupportedOperationError
 from certorch.ops.base import AffineOp
-from certorch.ops.maps import AffineMap, NonNegativeLinearMap
+from certorch.ops.affine import NonNegativeModuleOp
+from certorch.ops.maps import AffineMap
 from certorch.ops.registry import register_module_op
 
 __all__ = ["ElementwiseAffine", "ElementwiseAffineMap", "ElementwiseAffineOp", "OnnxNetwork", "Permute"]
@@ -142,23 +143,11 @@ class ElementwiseAffineOp(AffineOp):
 register_module_op(ElementwiseAffine)(lambda m, ins, out: ElementwiseAffineOp(m, ins[0], out))
 
 
-class PermuteOp(AffineOp):
-    """A permutation (0/1 coefficients): a non-negative linear map, exact in every domain."""
-
-    kind = "permute"
-
-    def __init__(self, module: nn.Module, in_shape):
-        self.module, self.in_shape = module, tuple(in_shape)
-
-    def affine(self, dtype, values=None) -> AffineMap:
-        return NonNegativeLinearMap(self.module, self.in_shape)
-
-
 def _zero_pad(m: nn.ConstantPad2d, ins, out) -> AffineOp:
     if float(m.value) != 0.0:
         raise UnsupportedOperationError(f"constant padding with value {m.value} is not supported (zero padding only)")
-    return PermuteOp(m, ins[0])
+    return NonNegativeModuleOp(m, ins[0], "zeropad2d")
 
 
-register_module_op(Permute)(lambda m, ins, out: PermuteOp(m, ins[0]))
+register_module_op(Permute)(lambda m, ins, out: NonNegativeModuleOp(m, ins[0], "permute"))
 register_module_op(nn.ZeroPad2d, nn.ConstantPad2d)(_zero_pad)
