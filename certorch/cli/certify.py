@@ -21,10 +21,15 @@ NAME = "certify"
 HELP = "per-example certification (verified / falsified / unknown / timeout) with JSONL results"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments :func:`load_model_and_data` reads: RUN_OR_MODEL, ``--weights``, ``--data``."""
     p.add_argument("run", metavar="RUN_OR_MODEL", help="run directory, checkpoint, or zoo model name (with --weights)")
     p.add_argument("--weights", default=None, help="safetensors weights for a zoo model name")
     p.add_argument("--data", default=None, help="dataset (default: the run's dataset)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--eps", type=float, default=None, help="L-inf radius in pixel space [0, 1]")
     p.add_argument("--eps-sweep", default=None, help="comma-separated radii; also plots certified accuracy vs eps")
     p.add_argument("--n", type=int, default=1000, help="first N test examples (default 1000)")

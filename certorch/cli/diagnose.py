@@ -23,9 +23,9 @@ HELP = "continuity / sensitivity / tightness of relaxations as training objectiv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN_OR_MODEL", help="run directory, checkpoint, or zoo model name (with --weights)")
-    p.add_argument("--weights", default=None, help="safetensors weights for a zoo model name")
-    p.add_argument("--data", default=None, help="dataset (default: the run's dataset)")
+    from certorch.cli.certify import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--eps", type=float, required=True, help="L-inf radius in pixel space [0, 1]")
     p.add_argument("--relaxations", default="ibp,crown-ibp,crown",
                    help="comma-separated bound methods (default ibp,crown-ibp,crown; zonotope / symbolic / dual "
