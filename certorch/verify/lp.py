@@ -6,8 +6,12 @@ no binaries) and minimize each not-yet-proven region value with HiGHS
 (:func:`certorch.verify.solve.minimize_region`). The lower bound kept is the weak-duality bound
 recomputed from the LP's duals (never the primal objective), so it is a valid bound whatever
 HiGHS's tolerances did; a region counts as proven only when that bound exceeds its rounding
-margin. An infeasible LP is an ``ERROR`` (the input box is not empty). The LP's optimal input
-point is also tried as a counterexample (rechecked by the pipeline).
+margin. An infeasible or unbounded LP is an ``ERROR`` (the input box is not empty and every
+variable is bounded: wrong intermediate bounds or numerical trouble, an alarm to keep loud). A
+solve that merely failed (e.g. HiGHS status ``unknown``) proves nothing and decides nothing: the
+example stays undecided, with the solver's reason as its message, and goes on to the next stage
+(the MILP). The LP's optimal input point is also tried as a counterexample (rechecked by
+the pipeline).
 """
 from __future__ import annotations
 
@@ -78,6 +82,9 @@ def try_points(problem: Problem, i: int, points: list[np.ndarray]) -> torch.Tens
     return xs[k] if float(v[k]) <= 0 else None
 
 
+_ENCODING_WRONG = ("infeasible", "unbounded_or_infeasible", "unbounded")
+
+
 class LPStage(Stage):
     """Triangle LP relaxation, one example at a time."""
 
@@ -109,7 +116,9 @@ class LPStage(Stage):
         points = []
         for g, out, _ in solve_regions(problem, i, None, deadline, integer=False):
             if out.outcome == "error":
-                return Verdict.ERROR, None, False, f"lp: region {g}: {out.reason}"
+                if out.solver_status in _ENCODING_WRONG:
+                    return Verdict.ERROR, None, False, f"lp: region {g}: {out.reason}"
+                return None, None, False, f"lp: region {g}: {out.reason}"  # a failed solve is no verdict
             if out.point is not None:
                 points.append(out.point)
             if out.outcome == "timeout":

@@ -176,3 +176,27 @@ def test_milp_timeout_gives_timeout_verdict(data):
 
     res = run_stages(p, [MilpStage("all")], timeout=1e-4)[0]
     assert res.verdict == Verdict.TIMEOUT
+
+
+def test_failed_lp_solve_leaves_the_example_to_the_milp(data, monkeypatch):
+    """HiGHS failing on the LP (status "unknown") is no verdict: the MILP still decides."""
+    import certorch.verify.lp as lp_mod
+    from certorch.verify.lp import LPStage
+    from certorch.verify.milp import MilpStage
+    from certorch.verify.solve import SolveResult
+
+    real = lp_mod.minimize_region
+
+    def lp_fails(*args, integer, **kw):
+        if integer:
+            return real(*args, integer=integer, **kw)
+        return SolveResult("error", -math.inf, math.inf, None, None, "unknown", "HiGHS failed on the LP (unknown)")
+
+    monkeypatch.setattr(lp_mod, "minimize_region", lp_fails)
+    model, x, y = data
+    p = _problem(model, x[8:9], y[8:9], 0.1)  # CROWN does not decide it
+    only_lp = run_stages(p, [LPStage()], timeout=10)[0]
+    assert only_lp.verdict == Verdict.UNKNOWN and "unknown" in only_lp.message
+    p = _problem(model, x[8:9], y[8:9], 0.1)
+    both = run_stages(p, [LPStage(), MilpStage("all")], timeout=10)[0]
+    assert both.verdict in (Verdict.VERIFIED, Verdict.FALSIFIED) and both.stage == "milp"
