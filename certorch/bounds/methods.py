@@ -5,7 +5,9 @@ name maps to a :class:`BoundMethod` value, not to flags inside one big function 
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,10 +34,30 @@ class BoundMethod:
 
 METHODS: dict[str, BoundMethod] = {}
 
+#: final strategies that plug in from modules above the bound engine (DESIGN.md: they register,
+#: the engine does not import them): ``fn(ctx, C, upper) -> (lower (B, S), upper (B, S) | None)``.
+FINALS: dict[str, Callable] = {}
+#: modules that register methods with such strategies, imported on the first lookup they can answer
+PLUGIN_MODULES: tuple[str, ...] = ("certorch.verify.triangle",)
+_plugins_loaded = False
+
 
 def register_method(m: BoundMethod) -> BoundMethod:
     METHODS[m.name] = m
     return m
+
+
+def register_final(name: str, fn: Callable) -> None:
+    """Register the final strategy ``name`` (see :data:`FINALS`)."""
+    FINALS[name] = fn
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for mod in PLUGIN_MODULES:
+            importlib.import_module(mod)
 
 
 register_method(BoundMethod("ibp", "ibp", "ibp", description="interval bound propagation"))
@@ -81,11 +103,14 @@ register_method(
 def get_method(name: str) -> BoundMethod:
     key = name.lower().replace("_", "-")
     if key not in METHODS:
+        _load_plugins()
+    if key not in METHODS:
         raise CertorchError(f"unknown bound method {name!r}; valid: {', '.join(METHODS)}")
     return METHODS[key]
 
 
 def list_methods() -> list[str]:
+    _load_plugins()
     return list(METHODS)
 
 
@@ -126,6 +151,8 @@ def run_method(method: BoundMethod, ctx: BoundContext, C: Tensor, upper: bool = 
         return backward_bounds(ctx, ctx.graph.output, C, lambda i: pre_bounds(ctx, i), upper)
     if method.final == "alpha":
         return alpha_bounds(ctx, C, upper)
+    if method.final in FINALS:
+        return FINALS[method.final](ctx, C, upper)
     node, A, bias = merge_spec(ctx, C)
     if method.final == "ibp":
         box = ibp_box(ctx, node)

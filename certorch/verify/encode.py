@@ -58,6 +58,12 @@ class Encoding:
     integer: np.ndarray
     var_of: dict[int, np.ndarray]
     unstable: dict[int, int] = field(default_factory=dict)
+    #: per ReLU node: (flat positions of its unstable neurons (k,), their ``y`` variables (k,),
+    #: index of the first of their k consecutive rows ``y - z >= 0``)
+    triangles: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    #: per affine node that has rows: index of the first of its numel consecutive rows
+    #: ``z - W x = offset`` (row r for output neuron r)
+    affine_rows: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_vars(self) -> int:
@@ -112,14 +118,15 @@ class _Builder:
         self.rhi.append(hi)
         self.m += lo.shape[0]
 
-    def finish(self, var_of: dict[int, np.ndarray], unstable: dict[int, int]) -> Encoding:
+    def finish(self, var_of: dict[int, np.ndarray], unstable: dict[int, int], triangles: dict | None = None,
+               affine_rows: dict | None = None) -> Encoding:
         cat = lambda xs, dt=np.float64: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         A = sparse.csr_matrix(
             (cat(self.vals), (cat(self.rows, np.int64), cat(self.cols, np.int64))), shape=(self.m, self.n)
         )
         A.sum_duplicates()
         return Encoding(A, cat(self.rlo), cat(self.rhi), cat(self.lower), cat(self.upper),
-                        cat(self.integer, np.int64), var_of, unstable)
+                        cat(self.integer, np.int64), var_of, unstable, triangles or {}, affine_rows or {})
 
 
 @torch.no_grad()
@@ -177,41 +184,55 @@ def encode(
     bounds: dict[int, tuple[np.ndarray, np.ndarray]],
     binaries: str | int | None = None,
     deadline: float | None = None,
+    linear_parts: dict | None = None,
 ) -> Encoding:
     """Encode ``graph`` on the input box (flat float64 arrays) with per-node bounds.
 
     ``bounds[i] = (l, u)``: flat float64 bounds of node ``i`` (needed for the input node of
     every ReLU; optional elsewhere, where they only tighten the variable bounds). ``deadline``:
     a ``time.perf_counter()`` value checked between nodes (``DeadlineExceeded`` past it).
+    ``linear_parts``: a dict kept by the caller across calls on the same network (same weights):
+    the affine maps' sparse linear parts are extracted once and reused from it.
     """
     b = _Builder()
     var_of: dict[int, np.ndarray] = {0: b.add_vars(input_lower.astype(np.float64), input_upper.astype(np.float64))}
     unstable_count: dict[int, int] = {}
+    triangles: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+    affine_rows: dict[int, int] = {}
     for node in graph.nodes[1:]:
         if deadline is not None and time.perf_counter() > deadline:
             raise DeadlineExceeded(f"the LP/MILP encoding ran past its deadline at node {node.name!r}")
         if node.is_affine:
-            var_of[node.index] = _encode_affine(b, graph, node, var_of, bounds.get(node.index), deadline)
+            row0 = b.m
+            var_of[node.index] = _encode_affine(b, graph, node, var_of, bounds.get(node.index), deadline, linear_parts)
+            if b.m > row0:
+                affine_rows[node.index] = row0
         elif node.is_activation and node.op.kind == "relu":
             src = node.inputs[0]
             if src not in bounds:
                 raise UnsupportedOperationError(f"no pre-activation bounds for ReLU node {node.name!r}")
             l, u = bounds[src]
-            var_of[node.index], unstable_count[node.index] = _encode_relu(b, var_of[src], l, u, binaries)
+            var_of[node.index], triangles[node.index] = _encode_relu(b, var_of[src], l, u, binaries)
+            unstable_count[node.index] = int(triangles[node.index][0].size)
         else:
             raise UnsupportedOperationError(
                 f"the LP/MILP encoding supports affine ops and ReLU, not {node.op.kind!r} (node {node.name!r})"
             )
-    return b.finish(var_of, unstable_count)
+    return b.finish(var_of, unstable_count, triangles, affine_rows)
 
 
-def _encode_affine(b: _Builder, graph: Graph, node, var_of, box, deadline: float | None = None) -> np.ndarray:
+def _encode_affine(b: _Builder, graph: Graph, node, var_of, box, deadline: float | None = None,
+                   cache: dict | None = None) -> np.ndarray:
     amap = node.op.affine(torch.float64, None)
     if isinstance(amap, ReshapeMap):
         return var_of[node.inputs[0]]
     n_out = node.numel
     in_shapes = [graph.nodes[i].shape for i in node.inputs]
-    Ws = [sparse_linear_part(amap, in_shapes, k, deadline) for k in range(len(node.inputs))]
+    Ws = cache.get(node.index) if cache is not None else None
+    if Ws is None:
+        Ws = [sparse_linear_part(amap, in_shapes, k, deadline) for k in range(len(node.inputs))]
+        if cache is not None:
+            cache[node.index] = Ws
     off = amap.offset()
     rhs = np.zeros(n_out) if off is None else torch.broadcast_to(
         off.to(torch.float64).detach(), node.shape).reshape(-1).numpy().copy()
@@ -250,7 +271,8 @@ def interval_bounds(b: _Builder, Ws: list, srcs: list[np.ndarray], offset: np.nd
     return lo, hi
 
 
-def _encode_relu(b: _Builder, z: np.ndarray, l: np.ndarray, u: np.ndarray, binaries) -> tuple[np.ndarray, int]:
+def _encode_relu(b: _Builder, z: np.ndarray, l: np.ndarray, u: np.ndarray,
+                 binaries) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, int]]:
     lt, ut = torch.from_numpy(l), torch.from_numpy(u)
     active, inactive, unstable = (m.numpy() for m in relu_relax.masks(lt, ut))
     s, c = (t.numpy() for t in relu_relax.upper_line(lt, ut))
@@ -258,12 +280,13 @@ def _encode_relu(b: _Builder, z: np.ndarray, l: np.ndarray, u: np.ndarray, binar
     idx = np.flatnonzero(unstable)
     k = idx.size
     if k == 0:
-        return y, 0
+        return y, (idx, idx, b.m)
     yv = b.add_vars(np.zeros(k), u[idx])
     y = y.copy()
     y[idx] = yv
     zv = z[idx]
     r = np.arange(k)
+    ge_row0 = b.m
     # y - z >= 0
     b.add_rows(np.concatenate([r, r]), np.concatenate([yv, zv]), np.concatenate([np.ones(k), -np.ones(k)]),
                np.zeros(k), np.full(k, INF))
@@ -283,7 +306,7 @@ def _encode_relu(b: _Builder, z: np.ndarray, l: np.ndarray, u: np.ndarray, binar
         # y - u a <= 0
         b.add_rows(np.concatenate([r, r]), np.concatenate([yi, a]), np.concatenate([np.ones(m), -ui]),
                    np.full(m, -INF), np.zeros(m))
-    return y, k
+    return y, (idx, yv, ge_row0)
 
 
 def region_objective(
