@@ -174,6 +174,7 @@ def _solve_rows(enc: Encoding, graph, spec: np.ndarray, sol: LPSolutions, i: int
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n, A.shape[0]
     h = new_highs()
     h.setOptionValue("threads", 1)
+    h.setOptionValue("presolve", "off")  # keeps the basis between rows: each re-solve is warm-started
     h.passModel(lp)
     out_vars = enc.var_of[graph.output]
     cols = np.arange(n, dtype=np.int32)
