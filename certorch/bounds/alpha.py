@@ -164,7 +164,7 @@ class AlphaSlopes:
         ``act`` with this store's lower slopes. Returns (coefficients of the ReLU's input, constant (B, S))."""
         l, u = box.lower, box.upper
         B = l.shape[0]
-        s_low, ds, b_up = relax.backward_lines(l, u, mode)
+        s_low, ds, b_up, _ = relax.backward_lines(l, u, mode)  # ReLU: no lower intercept
         unstable = relax.masks(l, u)[2]
         if isinstance(A, Patches):
             g = A.gather(torch.cat([s_low, ds, b_up, unstable.to(l.dtype)], 0)).flatten(3)  # (4B, U, 1, D)

@@ -75,13 +75,15 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds, 
                     f"backward bound methods do not support {node.op.kind!r} (node {node.name!r}); use method='ibp'"
                 )
             box = acts[i]
-            if rows is not None:  # optimised lower slopes, one per (spec row, neuron)
+            if rows is not None and getattr(relax, "free_lower_lines", None) is not None:
+                # optimised lower slopes, one per (spec row, neuron)
                 A_in, c_add = ctx.alpha.relu_backward(relax, rows, i, Ai, box, ctx.slope)
             elif isinstance(Ai, Patches):
                 B = box.lower.shape[0]
-                lines = relax.backward_lines(box.lower, box.upper, ctx.slope)
-                g = Ai.gather(torch.cat(lines, 0)).flatten(3)  # one gather for the three lines: (3B, U, 1, D)
-                P_in, c_add = relax.apply_lines(Ai.P.flatten(3), g[:B], g[B : 2 * B], g[2 * B :])
+                lines = [t for t in relax.backward_lines(box.lower, box.upper, ctx.slope) if t is not None]
+                g = Ai.gather(torch.cat(lines, 0)).flatten(3)  # one gather for all lines: (3B or 4B, U, 1, D)
+                parts = [g[k * B : (k + 1) * B] for k in range(len(lines))]
+                P_in, c_add = relax.apply_lines(Ai.P.flatten(3), *parts)
                 A_in = Ai.with_P(P_in.view(P_in.shape[:3] + Ai.P.shape[3:]), clean=True)  # lines are 0 in the padding
                 c_add = Ai.flat_rows(c_add)
             else:

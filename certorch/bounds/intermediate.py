@@ -46,6 +46,23 @@ def ibp_is_exact(ctx: BoundContext, idx: int) -> bool:
     return general <= 1
 
 
+def _needs_bounds(ctx: BoundContext, idx: int, lo: Tensor, up: Tensor) -> Tensor:
+    """(B, n) neurons of node ``idx`` whose consumers' relaxations tighten with tighter bounds
+    (ReLU: the unstable ones; Sigmoid / Tanh: all), asked of the relaxation objects."""
+    masks = []
+    for j in ctx.graph.users[idx]:
+        node = ctx.graph.nodes[j]
+        rule = getattr(node.op.relaxation, "needs_bounds", None) if node.is_activation else None
+        if rule is not None:
+            masks.append(rule(lo, up))
+    if not masks:
+        return (lo < 0) & (up > 0)
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
+
+
 def crown_box(ctx: BoundContext, idx: int) -> Box:
     """CROWN bounds of node ``idx``, computed only for neurons that IBP leaves unstable
     (union over the batch); IBP-stable neurons keep their IBP bounds (their relaxation is exact
@@ -59,7 +76,7 @@ def crown_box(ctx: BoundContext, idx: int) -> Box:
     if ibp_is_exact(ctx, idx):
         return ibp
     lo, up = ibp.lower.flatten(1), ibp.upper.flatten(1)
-    unstable = ((lo < 0) & (up > 0)).any(dim=0)  # (n,)
+    unstable = _needs_bounds(ctx, idx, lo, up).any(dim=0)  # (n,)
     idx_unstable = unstable.nonzero().flatten()
     if idx_unstable.numel() == 0:
         return ibp

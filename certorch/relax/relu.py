@@ -71,12 +71,18 @@ def deepz(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return lam, mu
 
 
-def backward_lines(l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[Tensor, Tensor, Tensor]:
+def backward_lines(l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[Tensor, Tensor, Tensor, None]:
     """The relaxation in the form backward passes use, each (B, *shape):
-    ``(s_low, s_up - s_low, b_up)``; lower line ``s_low * z``, upper line ``s_up * z + b_up``."""
+    ``(s_low, s_up - s_low, b_up, b_low)``; lower line ``s_low * z + b_low``, upper line
+    ``s_up * z + b_up``. ReLU's lower lines pass through 0: ``b_low`` is None (no work)."""
     s_low = lower_slope(l, u, mode)
     s_up, b_up = upper_line(l, u)
-    return s_low, s_up - s_low, b_up
+    return s_low, s_up - s_low, b_up, None
+
+
+def needs_bounds(l: Tensor, u: Tensor) -> Tensor:
+    """Neurons whose relaxation tightens with tighter pre-activation bounds: the unstable ones."""
+    return (l < 0) & (u > 0)
 
 
 def apply_lines(A: Tensor, s_low: Tensor, ds: Tensor, b_up: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,7 +110,7 @@ def backward(A: Tensor, l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[T
     ``A``: (B, S, *shape) coefficients of ``relu(z)`` in a quantity to lower-bound;
     ``l``, ``u``: (B, *shape). Returns (coefficients of z (B, S, *shape), constant (B, S)).
     """
-    lines = (t.flatten(1).unsqueeze(1) for t in backward_lines(l, u, mode))
+    lines = (t.flatten(1).unsqueeze(1) for t in backward_lines(l, u, mode)[:3])
     A_new, const = apply_lines(A.flatten(2), *lines)
     return A_new.view(A_new.shape[:2] + A.shape[2:]), const
 

@@ -177,6 +177,14 @@ def select_binaries(l: np.ndarray, u: np.ndarray, unstable: np.ndarray, binaries
 
 
 @torch.no_grad()
+def unsupported_reason(graph: Graph) -> str | None:
+    """Why ``graph`` cannot be encoded (one line), or None: the encoding has affine ops and ReLU."""
+    for node in graph.nodes[1:]:
+        if not node.is_affine and not (node.is_activation and node.op.kind == "relu"):
+            return f"the LP/MILP encoding supports affine ops and ReLU, not {node.op.kind!r} (node {node.name!r})"
+    return None
+
+
 def encode(
     graph: Graph,
     input_lower: np.ndarray,

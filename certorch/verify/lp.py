@@ -23,7 +23,7 @@ import torch
 
 from certorch.errors import DeadlineExceeded
 from certorch.graph.capture import capture
-from certorch.verify.encode import Encoding, encode
+from certorch.verify.encode import Encoding, encode, unsupported_reason
 from certorch.verify.results import Verdict
 from certorch.verify.solve import SolveResult, minimize_region
 from certorch.verify.stages import Problem, Stage, StageOutput, float64_forward, node_bounds
@@ -82,6 +82,16 @@ def try_points(problem: Problem, i: int, points: list[np.ndarray]) -> torch.Tens
     return xs[k] if float(v[k]) <= 0 else None
 
 
+def unencodable_output(problem: Problem, idx, stage: str) -> StageOutput | None:
+    """Undecided output for every example when the network has ops the encoding lacks (e.g.
+    Sigmoid): an incomplete stage that cannot run decides nothing; it is not an ``ERROR``."""
+    reason = unsupported_reason(capture(problem.model, tuple(problem.box.lower.shape[1:])))
+    if reason is None:
+        return None
+    n = len(idx)
+    return StageOutput([None] * n, None, {}, [0.0] * n, [False] * n, {p: f"{stage}: skipped, {reason}" for p in range(n)})
+
+
 _ENCODING_WRONG = ("infeasible", "unbounded_or_infeasible", "unbounded")
 
 
@@ -92,6 +102,9 @@ class LPStage(Stage):
     batched = False
 
     def run(self, problem, idx, budget):
+        skip = unencodable_output(problem, idx, "lp")
+        if skip is not None:
+            return skip
         verdicts, lower, cex, secs, tout, msgs = [], [], {}, [], [], {}
         for pos, i in enumerate(idx.tolist()):
             t0 = time.perf_counter()
@@ -131,4 +144,5 @@ class LPStage(Stage):
         return (Verdict.FALSIFIED, x, False, "") if x is not None else (None, None, False, "")
 
 
-__all__ = ["LPStage", "SolveResult", "example_encoding", "region_spec", "solve_regions", "try_points"]
+__all__ = ["LPStage", "SolveResult", "example_encoding", "region_spec", "solve_regions", "try_points",
+           "unencodable_output"]

@@ -15,7 +15,7 @@ import time
 import torch
 
 from certorch.errors import CertorchError, DeadlineExceeded
-from certorch.verify.lp import solve_regions, try_points
+from certorch.verify.lp import unencodable_output, solve_regions, try_points
 from certorch.verify.results import Verdict
 from certorch.verify.solve import minimize_region
 from certorch.verify.stages import Problem, Stage, StageOutput
@@ -35,6 +35,9 @@ class MilpStage(Stage):
         self.name = "milp" if binaries == "all" else "refine"
 
     def run(self, problem, idx, budget):
+        skip = unencodable_output(problem, idx, self.name)
+        if skip is not None:
+            return skip
         verdicts, lower, cex, secs, tout, msgs = [], [], {}, [], [], {}
         for pos, i in enumerate(idx.tolist()):
             t0 = time.perf_counter()

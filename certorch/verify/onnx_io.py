@@ -45,6 +45,7 @@ SUPPORTED_OPS = frozenset(
     {
         "Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "Add", "Sub", "Div", "Mul",
         "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout", "Transpose", "Pad",
+        "Sigmoid", "Tanh", "LeakyRelu",
     }
 )
 #: ONNX element types the importer accepts for the network (onnx.TensorProto.FLOAT, DOUBLE).
@@ -348,6 +349,18 @@ class _Converter:
     def _op_Relu(self, node, at) -> None:
         x, _ = self._split(node)
         self._add_layer(node, nn.ReLU(), x)
+
+    def _op_Sigmoid(self, node, at) -> None:
+        x, _ = self._split(node)
+        self._add_layer(node, nn.Sigmoid(), x)
+
+    def _op_Tanh(self, node, at) -> None:
+        x, _ = self._split(node)
+        self._add_layer(node, nn.Tanh(), x)
+
+    def _op_LeakyRelu(self, node, at) -> None:
+        x, _ = self._split(node)
+        self._add_layer(node, nn.LeakyReLU(float(at.get("alpha", 0.01))), x)
 
     def _op_Flatten(self, node, at) -> None:
         if self._fold(node, lambda a: a.reshape(int(np.prod(a.shape[: at.get("axis", 1)])), -1)):

@@ -148,7 +148,7 @@ def test_residual_network_bounds_contain_samples():
             assert (out >= b.lower - 1e-9).all() and (out <= b.upper + 1e-9).all(), method
 
 
-def test_avgpool_batchnorm_and_tanh_are_supported_by_ibp():
+def test_avgpool_batchnorm_and_tanh_are_supported_by_ibp_and_crown():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
                           nn.Linear(2 * 3 * 3, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
@@ -159,8 +159,10 @@ def test_avgpool_batchnorm_and_tanh_are_supported_by_ibp():
     with torch.no_grad():
         out = model(pts.reshape(-1, 1, 8, 8)).reshape(2000, 2, 3)
     assert (out >= b.lower - 1e-9).all() and (out <= b.upper + 1e-9).all()
+    c = ct.bound(model, x, 0.05, method="crown")  # tanh through its relaxation object (certorch.relax.sshape)
+    assert (out >= c.lower - 1e-9).all() and (out <= c.upper + 1e-9).all()
     with pytest.raises(UnsupportedOperationError, match="tanh"):
-        ct.bound(model, x, 0.05, method="crown")
+        ct.bound(model, x, 0.05, method="zonotope")
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -200,3 +200,21 @@ def test_failed_lp_solve_leaves_the_example_to_the_milp(data, monkeypatch):
     p = _problem(model, x[8:9], y[8:9], 0.1)
     both = run_stages(p, [LPStage(), MilpStage("all")], timeout=10)[0]
     assert both.verdict in (Verdict.VERIFIED, Verdict.FALSIFIED) and both.stage == "milp"
+
+
+def test_lp_and_milp_skip_networks_they_cannot_encode_without_error():
+    """A Sigmoid network: CROWN bounds it; LP/MILP (ReLU only) leave the rest undecided, never ERROR."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 10), nn.Sigmoid(), nn.Linear(10, 3)).double()
+    with torch.no_grad():
+        net[1].weight.mul_(6.0)
+    x = torch.rand(8, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    res = certify_batch(net, x, y, 0.2, stages="pgd,ibp,crown,lp,milp", timeout=10)
+    assert all(r.verdict != Verdict.ERROR for r in res)
+    assert any(r.verdict == Verdict.UNKNOWN and "skipped" in r.message for r in res)
+    verified = torch.tensor([r.verdict == Verdict.VERIFIED for r in res])
+    if verified.any():
+        atk = PGD(steps=100, restarts=5, loss="margin", seed=1)(net, x[verified], y[verified], 0.2)
+        assert not atk.success.any()

@@ -1,0 +1,139 @@
+"""Relaxations of every activation through one protocol (ReLU, LeakyReLU, Sigmoid, Tanh): lines
+sound under dense sampling (saturated and zero-width boxes included), bounds of every backward
+method sound on nets built from each activation, clear refusals where a method lacks a rule.
+Generated from the op registry's activations x the bound methods."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import certorch as ct
+from certorch.errors import CertorchError, UnsupportedOperationError
+from certorch.relax import leaky_relu, relu, sshape
+from tests.soundness.bound_checks import assert_within, pgd_points, sample_box, spec_values
+
+RELAXATIONS = {
+    "relu": relu,
+    "leaky_relu_0.1": leaky_relu.make(0.1),
+    "leaky_relu_0": leaky_relu.make(0.0),
+    "sigmoid": sshape.sigmoid,
+    "tanh": sshape.tanh,
+}
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) pre-activation bounds: random mixed / one-sided boxes, saturated ones far out,
+    boxes touching 0, tiny and zero-width boxes."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, generator=g, dtype=torch.float64) * 4
+    b = a + torch.rand(400, generator=g, dtype=torch.float64) * 8
+    special = torch.tensor([[-40.0, -25.0], [25.0, 40.0], [-40.0, 40.0], [-30.0, 0.5], [-0.5, 30.0], [0.0, 3.0],
+                            [-3.0, 0.0], [0.0, 0.0], [1.5, 1.5], [-2.0, -2.0], [-1e-9, 1e-9], [2.0, 2.0 + 1e-12],
+                            [-1e-3, 5.0], [-5.0, 1e-3]], dtype=torch.float64)
+    return torch.cat([a, special[:, 0]]), torch.cat([b, special[:, 1]])
+
+
+@pytest.mark.parametrize("name", list(RELAXATIONS))
+def test_lines_bound_the_activation_at_dense_samples_of_every_box(name):
+    rel = RELAXATIONS[name]
+    l, u = _boxes()
+    s_low, ds, b_up, b_low = rel.backward_lines(l, u, "adaptive")
+    b_low = torch.zeros_like(l) if b_low is None else b_low
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)[:, None]
+    z = l + t * (u - l)  # (2001, n), both ends included
+    f = rel.fn(z)
+    low, up = s_low * z + b_low, (s_low + ds) * z + b_up
+    tol = 1e-12 * (1 + f.abs())
+    assert (low <= f + tol).all(), name
+    assert (up >= f - tol).all(), name
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_s_shaped_lines_are_not_trivially_loose(name):
+    """Each line touches the function somewhere on its box (chords at both ends, tangents at
+    their point, anchored lines at the anchor): the relaxation is the one described, not a box."""
+    rel = RELAXATIONS[name]
+    l, u = _boxes()
+    s_low, b_low, s_up, b_up = rel.lines(l, u)
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)[:, None]
+    z = l + t * (u - l)
+    f = rel.fn(z)
+    gap_low = (f - (s_low * z + b_low)).min(0).values
+    gap_up = ((s_up * z + b_up) - f).min(0).values
+    assert (gap_low < 1e-6).all() and (gap_up < 1e-6).all()
+
+
+def _net(act: str, kind: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    A = ACTIVATIONS[act]
+    if kind == "dense":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(16, 20), A(), nn.Linear(20, 12), A(), nn.Linear(12, 4))
+    else:
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), A(), nn.Conv2d(4, 4, 3, stride=2, padding=1), A(),
+                            nn.Flatten(), nn.Linear(16, 4))
+    net = net.double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)  # steep enough to reach saturation and many unstable neurons
+    return net
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_bounds_contain_sampled_and_pgd_points(act, kind, method):
+    net = _net(act, kind, 0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    eps = 0.1
+    r = ct.bound(net, x, eps, method=method, y=y)
+    C = ct.margin_matrix(y, 4).double()
+    pts = torch.cat([sample_box(ct.linf_ball(x, eps), 600, torch.Generator().manual_seed(2)),
+                     pgd_points(net, x, eps, C, steps=20)])
+    assert_within(spec_values(net, pts, C), r.lower.detach(), r.upper.detach())
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "leaky_relu"])
+def test_crown_is_tighter_than_ibp_on_every_activation(act):
+    net = _net(act, "dense", 3)
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    ibp = ct.bound(net, x, 0.05, method="ibp", y=y)
+    crown = ct.bound(net, x, 0.05, method="crown", y=y)
+    assert (crown.upper - crown.lower).mean() < (ibp.upper - ibp.lower).mean()
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh"])
+def test_a_zero_width_box_gives_the_exact_output(act):
+    net = _net(act, "dense", 4)
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    r = ct.bound(net, x, 0.0, method="crown")
+    with torch.no_grad():
+        f = net(x)
+    assert torch.allclose(r.lower, f, atol=1e-9) and torch.allclose(r.upper, f, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["zonotope", "symbolic", "dual"])
+def test_forward_methods_refuse_s_shaped_activations_in_one_line(method):
+    net = _net("sigmoid", "dense", 0)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(UnsupportedOperationError, match="sigmoid"):
+        ct.bound(net, x, 0.1, method=method)
+
+
+def test_leaky_relu_with_a_slope_above_one_is_refused():
+    net = nn.Sequential(nn.Linear(4, 3), nn.LeakyReLU(2.0), nn.Linear(3, 2)).double()
+    with pytest.raises(CertorchError, match="negative slope"):
+        ct.bound(net, torch.rand(1, 4, dtype=torch.float64), 0.1, method="crown")
