@@ -13,7 +13,7 @@ from certorch.bounds.alpha import AlphaState, check_options, peak_bytes
 from certorch.bounds.backward import row_numel
 from certorch.bounds.context import BoundContext
 from certorch.bounds.ibp import ibp_box
-from certorch.bounds.methods import check_slope, get_method, run_method
+from certorch.bounds.methods import check_slope, get_method, intermediate_for, run_method
 from certorch.domains.box import Box
 from certorch.errors import CertorchError, MemoryBudgetError
 from certorch.graph.capture import capture
@@ -226,10 +226,11 @@ def bound_many(
     for m in ms:
         proj = projections if m.supports_projections else None
         s = slope or m.slope
-        key = (m.intermediate, s if m.intermediate == "crown" else None, proj)
+        inter = intermediate_for(m, proj)
+        key = (inter, s if inter == "crown" else None, proj)
         ctx = shared.get(key)
         if ctx is None:  # IBP boxes, affine maps and clean values are shared by every method
-            ctx = shared[key] = replace(base, intermediate=m.intermediate, slope=s, projections=proj, boxes={},
+            ctx = shared[key] = replace(base, intermediate=inter, slope=s, projections=proj, boxes={},
                                         regions={}, forward_done=set(), ibp_boxes=base.ibp_boxes, _maps=base._maps)
             ctx._values = base._values
         out[m.name] = _run_chunked(m, ctx, spec, upper, budget, itemsize, return_intermediate,
@@ -298,7 +299,7 @@ def _uses_batch_statistics(graph) -> bool:
 def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool, spec_rows: int = 1) -> int:
     """Examples per chunk that fit the memory budget (see :mod:`certorch.bounds.memory`)."""
     graph = ctx.graph
-    forward_kind = m.final if m.final in ("zonotope", "symbolic") else m.intermediate
+    forward_kind = m.final if m.final in ("zonotope", "symbolic") else ctx.intermediate
     per = torch.zeros(ctx.batch, dtype=torch.float64)
     what = "spec rows"
     floor = None
@@ -317,8 +318,8 @@ def _plan_chunk(m, ctx: BoundContext, budget: int, itemsize: int, keep_all: bool
             least = memory.generator_counts(graph, None, forward_kind, None, ctx.batch)
             floor = memory.forward_peak(graph, least, itemsize, graph.output, keep_all, slack=1.0, margin=1.0)
     exact = torch.zeros_like(per)  # backward rows and alpha state: sizes known exactly
-    if m.final == "backward" or m.intermediate == "crown":
-        targets = [n.inputs[0] for n in graph.activation_nodes()] if m.intermediate == "crown" else []
+    if m.final == "backward" or ctx.intermediate == "crown":
+        targets = [n.inputs[0] for n in graph.activation_nodes()] if ctx.intermediate == "crown" else []
         widest = max([row_numel(ctx, graph.output)] + [row_numel(ctx, t, ctx.patches) for t in targets])
         exact = torch.full_like(per, float(memory.backward_peak(widest, itemsize)))
     if m.final == "alpha":

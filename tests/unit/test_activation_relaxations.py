@@ -125,12 +125,12 @@ def test_a_zero_width_box_gives_the_exact_output(act):
     assert torch.allclose(r.lower, f, atol=1e-9) and torch.allclose(r.upper, f, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["zonotope", "symbolic", "dual"])
-def test_forward_methods_refuse_s_shaped_activations_in_one_line(method):
+@pytest.mark.parametrize("method,kw", [("zonotope", {}), ("symbolic", {}), ("dual", {"projections": 5})])
+def test_forward_methods_refuse_s_shaped_activations_in_one_line(method, kw):
     net = _net("sigmoid", "dense", 0)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
     with pytest.raises(UnsupportedOperationError, match="sigmoid"):
-        ct.bound(net, x, 0.1, method=method)
+        ct.bound(net, x, 0.1, method=method, **kw)
 
 
 def test_leaky_relu_with_a_slope_above_one_is_refused():
