@@ -70,12 +70,16 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds, 
                 push(j, Aj)
         elif node.is_activation:
             relax = node.op.relaxation
-            if getattr(relax, "backward_lines", None) is None:
+            elementwise = getattr(relax, "backward_lines", None) is not None
+            if not elementwise and getattr(relax, "backward", None) is None:
                 raise UnsupportedOperationError(
                     f"backward bound methods do not support {node.op.kind!r} (node {node.name!r}); use method='ibp'"
                 )
             box = acts[i]
-            if rows is not None and getattr(relax, "free_lower_lines", None) is not None:
+            if not elementwise:  # a window op (max pooling): dense coefficients, its own backward rule
+                A_in, c_add = relax.backward(Ai.to_dense() if isinstance(Ai, Patches) else Ai, box.lower, box.upper,
+                                             ctx.slope)
+            elif rows is not None and getattr(relax, "free_lower_lines", None) is not None:
                 # optimised lower slopes, one per (spec row, neuron)
                 A_in, c_add = ctx.alpha.relu_backward(relax, rows, i, Ai, box, ctx.slope)
             elif isinstance(Ai, Patches):

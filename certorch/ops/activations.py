@@ -1,4 +1,4 @@
-"""Element-wise activation ops: ReLU, LeakyReLU, Sigmoid, Tanh.
+"""Activation ops: ReLU, LeakyReLU, Sigmoid, Tanh (element-wise) and MaxPool2d (max over windows).
 
 Each op carries its relaxation object (:mod:`certorch.relax`); the bound interpreters ask the
 object for its lines and intervals and never branch on the op's kind. Adding an activation:
@@ -14,6 +14,7 @@ from torch import nn
 from certorch.ops.base import ActivationOp
 from certorch.ops.registry import register_function_op, register_module_op
 from certorch.relax import leaky_relu as leaky_relax
+from certorch.relax import maxpool as maxpool_relax
 from certorch.relax import relu as relu_relax
 from certorch.relax import sshape
 
@@ -40,6 +41,15 @@ class SigmoidOp(ActivationOp):
     relaxation = sshape.sigmoid
 
 
+class MaxPool2dOp(ActivationOp):
+    """Max over windows: not element-wise; its relaxation gives a dense backward rule."""
+
+    kind = "maxpool"
+
+    def __init__(self, m: nn.MaxPool2d):
+        self.relaxation = maxpool_relax.make(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+
+
 def _leaky_slope(args, kwargs) -> float:
     if "negative_slope" in kwargs:
         return float(kwargs["negative_slope"])
@@ -49,6 +59,7 @@ def _leaky_slope(args, kwargs) -> float:
 register_module_op(nn.ReLU)(lambda m, ins, out: ReluOp())
 register_module_op(nn.LeakyReLU)(lambda m, ins, out: LeakyReluOp(m.negative_slope))
 register_module_op(nn.Tanh)(lambda m, ins, out: TanhOp())
+register_module_op(nn.MaxPool2d)(lambda m, ins, out: MaxPool2dOp(m))
 register_module_op(nn.Sigmoid)(lambda m, ins, out: SigmoidOp())
 register_function_op(torch.relu, F.relu, "relu")(lambda ins, out, a, k: ReluOp())
 register_function_op(F.leaky_relu)(lambda ins, out, a, k: LeakyReluOp(_leaky_slope(a, k)))

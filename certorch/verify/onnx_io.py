@@ -45,7 +45,7 @@ SUPPORTED_OPS = frozenset(
     {
         "Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "Add", "Sub", "Div", "Mul",
         "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout", "Transpose", "Pad",
-        "Sigmoid", "Tanh", "LeakyRelu",
+        "Sigmoid", "Tanh", "LeakyRelu", "MaxPool",
     }
 )
 #: ONNX element types the importer accepts for the network (onnx.TensorProto.FLOAT, DOUBLE).
@@ -595,6 +595,17 @@ class _Converter:
             ceil_mode=bool(at.get("ceil_mode", 0)), count_include_pad=bool(at.get("count_include_pad", 0)),
         )
         self._add_layer(node, pool, x)
+
+    def _op_MaxPool(self, node, at) -> None:
+        x, _ = self._split(node)
+        k = tuple(at.get("kernel_shape", ()))
+        if len(k) != 2:
+            raise self._err(node, f"only 2-d MaxPool is supported, got kernel_shape={list(k)}")
+        if len(node.output) > 1 and node.output[1] and self.uses[node.output[1]]:
+            raise self._err(node, "the MaxPool indices output is used; only the values are supported")
+        if tuple(at.get("dilations", (1, 1))) != (1, 1) or at.get("ceil_mode", 0) or any(self._conv_pads(node, at, 2)):
+            raise self._err(node, "MaxPool bounds support pads 0, dilations 1 and ceil_mode 0 only")
+        self._add_layer(node, nn.MaxPool2d(k, stride=tuple(at.get("strides", (1, 1)))), x)
 
 
 # --- export ----------------------------------------------------------------------------------

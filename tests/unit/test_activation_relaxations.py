@@ -137,3 +137,55 @@ def test_leaky_relu_with_a_slope_above_one_is_refused():
     net = nn.Sequential(nn.Linear(4, 3), nn.LeakyReLU(2.0), nn.Linear(3, 2)).double()
     with pytest.raises(CertorchError, match="negative slope"):
         ct.bound(net, torch.rand(1, 4, dtype=torch.float64), 0.1, method="crown")
+
+
+# --- max pooling: a window op with its own backward rule ---------------------------------------
+
+POOLS = [dict(kernel_size=2), dict(kernel_size=3, stride=1), dict(kernel_size=(2, 3), stride=(2, 1))]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=["2x2", "3x3s1", "2x3"])
+def test_maxpool_backward_rule_lower_bounds_every_sampled_point(pool):
+    from certorch.relax import maxpool
+
+    rel = maxpool.make(**{"stride": None, **pool})
+    g = torch.Generator().manual_seed(0)
+    l = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    u = l + torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64) * torch.tensor([0.0, 0.3, 3.0]).view(1, 3, 1, 1).double()
+    out_shape = rel.fn(l).shape[1:]
+    A = torch.randn(2, 5, *out_shape, generator=g, dtype=torch.float64)
+    A_in, const = rel.backward(A, l, u)
+    r = torch.rand(3000, *l.shape, generator=g, dtype=torch.float64)
+    r = torch.where(torch.arange(3000).view(-1, 1, 1, 1, 1) < 1500, (r > 0.5).double(), r)  # half corners
+    x = l + r * (u - l)
+    val = torch.einsum("bs...,nb...->nbs", A.flatten(2), rel.fn(x.flatten(0, 1)).view(3000, 2, -1))
+    lin = torch.einsum("bsi,nbi->nbs", A_in.flatten(2), x.flatten(2)) + const
+    assert (val >= lin - 1e-9).all()
+    iv = rel.interval(ct.Box(l, u))
+    fx = rel.fn(x.flatten(0, 1)).view(3000, *iv.lower.shape)
+    assert (fx >= iv.lower - 1e-12).all() and (fx <= iv.upper + 1e-12).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pool", POOLS, ids=["2x2", "3x3s1", "2x3"])
+def test_bounds_through_maxpool_contain_sampled_and_pgd_points(pool, method):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(**pool), nn.Conv2d(3, 2, 2), nn.ReLU(),
+                         nn.Flatten()).double()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        n_out = body(x).shape[1]
+    net = nn.Sequential(*body, nn.Linear(n_out, 4)).double().eval()
+    y = torch.tensor([0, 1, 2])
+    r = ct.bound(net, x, 0.1, method=method, y=y)
+    C = ct.margin_matrix(y, 4).double()
+    pts = torch.cat([sample_box(ct.linf_ball(x, 0.1), 600, torch.Generator().manual_seed(2)),
+                     pgd_points(net, x, 0.1, C, steps=20)])
+    assert_within(spec_values(net, pts, C), r.lower.detach(), r.upper.detach())
+
+
+def test_maxpool_with_padding_or_ceil_mode_is_refused_in_one_line():
+    for pool in (nn.MaxPool2d(2, padding=1), nn.MaxPool2d(3, ceil_mode=True)):
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), pool, nn.Flatten()).double()
+        with pytest.raises(UnsupportedOperationError, match="MaxPool2d"):
+            ct.bound(net, torch.rand(1, 1, 8, 8, dtype=torch.float64), 0.1, method="ibp")
