@@ -90,6 +90,9 @@ class DenseMap(AffineMap):
     def apply_abs(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.abs())
 
+    def __call__(self, x: Tensor) -> Tensor:  # the bias fused into the matmul
+        return F.linear(x, self.weight, self.bias)
+
     def transpose(self, A: Tensor) -> list[Tensor]:
         return [A @ self.weight]
 
@@ -119,6 +122,9 @@ class ConvMap(AffineMap):
 
     def apply_abs(self, x: Tensor) -> Tensor:
         return self._conv(x, self.weight.abs())
+
+    def __call__(self, x: Tensor) -> Tensor:  # the bias fused into the convolution
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def transpose(self, A: Tensor) -> list[Tensor]:
         """Adjoint: (M, Cout, h, w) -> (M, Cin, H, W). A pointwise (1x1, stride 1, no padding)
