@@ -3,7 +3,7 @@
 Same protocol as :mod:`certorch.relax.relu` (its special case ``a = 0``): on an unstable
 neuron (``l < 0 < u``) the upper line is the chord, the lower line any ``s z`` with
 ``a <= s <= 1`` (``adaptive``: 1 if ``u > -l`` else ``a``; ``parallel``: the chord's slope;
-``zero``: ``a``); stable neurons are exact. Forward zonotope / symbolic transformers and LP /
+``zero``: ``a``; alpha-CROWN optimises it in ``[a, 1]``); stable neurons are exact. Forward zonotope / symbolic transformers and LP /
 MILP constraints are not provided yet: those methods refuse the op with a one-line error.
 """
 from __future__ import annotations
@@ -62,6 +62,12 @@ def make(a: float) -> SimpleNamespace:
     def needs_bounds(l: Tensor, u: Tensor) -> Tensor:
         return (l < 0) & (u > 0)
 
+    def free_lower_lines(s_low: Tensor, ds: Tensor, unstable: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha-CROWN's free lower slope: any ``s`` in ``[a, 1]`` gives a valid line ``s z``."""
+        s = torch.where(unstable, alpha.clamp(a, 1.0), s_low)
+        return s, s_low + ds - s
+
     return SimpleNamespace(name="leaky_relu", negative_slope=a, fn=fn, interval=interval, upper_line=upper_line,
                            lower_slope=lower_slope, backward_lines=backward_lines, apply_lines=relu_relax.apply_lines,
-                           backward=backward, needs_bounds=needs_bounds, deepz=None)
+                           backward=backward, needs_bounds=needs_bounds, masks=relu_relax.masks,
+                           free_lower_lines=free_lower_lines, deepz=None)

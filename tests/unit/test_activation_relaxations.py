@@ -189,3 +189,13 @@ def test_maxpool_with_padding_or_ceil_mode_is_refused_in_one_line():
         net = nn.Sequential(nn.Conv2d(1, 2, 3), pool, nn.Flatten()).double()
         with pytest.raises(UnsupportedOperationError, match="MaxPool2d"):
             ct.bound(net, torch.rand(1, 1, 8, 8, dtype=torch.float64), 0.1, method="ibp")
+
+
+def test_alpha_crown_optimises_leaky_relu_slopes_and_is_never_looser_than_crown():
+    net = _net("leaky_relu", "dense", 5)
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    crown = ct.bound(net, x, 0.1, method="crown", y=y)
+    alpha = ct.bound(net, x, 0.1, method="alpha-crown", y=y, alpha_iters=30)
+    assert (alpha.lower >= crown.lower - 1e-9).all() and (alpha.upper <= crown.upper + 1e-9).all()
+    assert (alpha.lower > crown.lower + 1e-6).any()  # the slopes in [a, 1] are free parameters
