@@ -42,9 +42,10 @@ def _run(ctx: BoundContext, idx: int, make_input, relu_rule):
             ins = [ctx.regions[j] for j in node.inputs]
             region = ins[0].map(ctx.affine_map(i), *ins[1:])
         elif node.is_activation:
-            if node.op.kind != "relu":
+            if getattr(node.op.relaxation, "parallel_lines", None) is None:
                 raise UnsupportedOperationError(
-                    f"forward symbolic methods support ReLU activations only, not {node.op.kind!r} at {node.name!r}"
+                    f"forward symbolic methods (zonotope, symbolic) need parallel lines, which {node.op.kind!r} "
+                    f"does not provide (node {node.name!r}); use a backward method such as crown"
                 )
             region = relu_rule(ctx, i, ctx.regions[node.inputs[0]], node)
         else:
@@ -82,7 +83,7 @@ def _check_memory(ctx: BoundContext, i: int) -> None:
         per_neuron = max(r.terms() for r in ins)
         if node.is_activation and isinstance(ins[0], Zonotope):
             pre = _pre_box(ctx, node.inputs[0], ins[0])
-            unstable = ((pre.lower < 0) & (pre.upper > 0)).flatten(1).any(0).sum()
+            unstable = node.op.relaxation.needs_bounds(pre.lower, pre.upper).flatten(1).any(0).sum()
             per_neuron += ctx.projections or int(unstable)
         item = ins[0].center.element_size()
         new = ctx.batch * per_neuron * node.numel * item
@@ -102,12 +103,15 @@ def _pre_box(ctx: BoundContext, idx: int, region) -> Box:
 
 
 def _zono_relu(ctx: BoundContext, i: int, z: Zonotope, node) -> Zonotope:
+    """DeepZ: ``f(z) in lam z + (b_low + b_up) / 2 +- (b_up - b_low) / 2`` (a new error term per neuron)."""
     pre = _pre_box(ctx, node.inputs[0], z)
-    lam, mu = node.op.relaxation.deepz(pre.lower, pre.upper)
-    return z.scale(lam, mu).add_block(i, mu, ctx.projections, ctx.generator)
+    lam, b_low, b_up = node.op.relaxation.parallel_lines(pre.lower, pre.upper)
+    mu = (b_up - b_low) / 2
+    return z.scale(lam, b_low + mu).add_block(i, mu, ctx.projections, ctx.generator)
 
 
 def _sym_relu(ctx: BoundContext, i: int, s: SymbolicInterval, node) -> SymbolicInterval:
+    """Symbolic intervals: ``low -> lam low + b_low``, ``up -> lam up + b_up`` (lam >= 0)."""
     pre = _pre_box(ctx, node.inputs[0], s)
-    slope, bias = node.op.relaxation.upper_line(pre.lower, pre.upper)
-    return s.relu(slope, bias)
+    lam, b_low, b_up = node.op.relaxation.parallel_lines(pre.lower, pre.upper)
+    return s.relu(lam, b_up, b_low)

@@ -122,7 +122,8 @@ def generator_counts(graph, ibp_boxes: dict | None, kind: str, projections: int 
         elif node.is_activation and kind == "zonotope":
             pre = ibp_boxes[node.inputs[0]]
             lo, up = pre.lower.flatten(1), pre.upper.flatten(1)
-            unstable = ((lo < 0) & (up > 0)).sum(1).to(torch.float64).cpu()
+            rule = getattr(node.op.relaxation, "needs_bounds", None)  # neurons that get an error term
+            unstable = (rule(lo, up) if rule is not None else (lo < 0) & (up > 0)).sum(1).to(torch.float64).cpu()
             new = torch.full_like(unstable, float(projections)) if projections else unstable
             g = per_node[node.inputs[0]] + new
         else:

@@ -85,11 +85,13 @@ class SymbolicInterval:
             AffineForm(low_c, low_k.reshape(B, n, *shape)), AffineForm(up_c, up_k.reshape(B, n, *shape))
         )
 
-    def relu(self, slope: Tensor, up_bias: Tensor) -> "SymbolicInterval":
-        """``low -> slope * low``, ``up -> slope * up + up_bias`` (slope, up_bias: (B, *shape))."""
+    def relu(self, slope: Tensor, up_bias: Tensor, low_bias: Tensor | None = None) -> "SymbolicInterval":
+        """``low -> slope * low + low_bias``, ``up -> slope * up + up_bias`` (each (B, *shape));
+        an activation bounded by two parallel lines of slope ``slope >= 0``."""
         s = slope.unsqueeze(1)
+        low_const = slope * self.low.const if low_bias is None else slope * self.low.const + low_bias
         return SymbolicInterval(
-            AffineForm(slope * self.low.const, s * self.low.coef),
+            AffineForm(low_const, s * self.low.coef),
             AffineForm(slope * self.up.const + up_bias, s * self.up.coef),
         )
 

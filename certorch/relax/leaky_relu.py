@@ -3,8 +3,9 @@
 Same protocol as :mod:`certorch.relax.relu` (its special case ``a = 0``): on an unstable
 neuron (``l < 0 < u``) the upper line is the chord, the lower line any ``s z`` with
 ``a <= s <= 1`` (``adaptive``: 1 if ``u > -l`` else ``a``; ``parallel``: the chord's slope;
-``zero``: ``a``; alpha-CROWN optimises it in ``[a, 1]``); stable neurons are exact. Forward zonotope / symbolic transformers and LP /
-MILP constraints are not provided yet: those methods refuse the op with a one-line error.
+``zero``: ``a``; alpha-CROWN optimises it in ``[a, 1]``); stable neurons are exact. The forward
+methods use the chord and the parallel line through the kink. LP / MILP constraints are not
+provided yet: the verifier's LP / MILP stages skip such networks.
 """
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def make(a: float) -> SimpleNamespace:
     def needs_bounds(l: Tensor, u: Tensor) -> Tensor:
         return (l < 0) & (u > 0)
 
+    def parallel_lines(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Chord slope ``lam`` in [a, 1]; ``f - lam z`` is convex with its minimum 0 at the kink."""
+        lam, b_up = upper_line(l, u)
+        return lam, torch.zeros_like(b_up), b_up
+
     def free_lower_lines(s_low: Tensor, ds: Tensor, unstable: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
         """alpha-CROWN's free lower slope: any ``s`` in ``[a, 1]`` gives a valid line ``s z``."""
         s = torch.where(unstable, alpha.clamp(a, 1.0), s_low)
@@ -69,5 +75,5 @@ def make(a: float) -> SimpleNamespace:
 
     return SimpleNamespace(name="leaky_relu", negative_slope=a, fn=fn, interval=interval, upper_line=upper_line,
                            lower_slope=lower_slope, backward_lines=backward_lines, apply_lines=relu_relax.apply_lines,
-                           backward=backward, needs_bounds=needs_bounds, masks=relu_relax.masks,
+                           backward=backward, needs_bounds=needs_bounds, masks=relu_relax.masks, parallel_lines=parallel_lines,
                            free_lower_lines=free_lower_lines, deepz=None)

@@ -71,6 +71,13 @@ def deepz(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return lam, mu
 
 
+def parallel_lines(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Two parallel lines ``lam z + b_low <= relu(z) <= lam z + b_up`` on ``[l, u]`` (``lam >= 0``),
+    for the forward methods (DeepZ, symbolic intervals): the chord's slope, ``b_low = 0``."""
+    lam, b_up = upper_line(l, u)
+    return lam, torch.zeros_like(b_up), b_up
+
+
 def backward_lines(l: Tensor, u: Tensor, mode: str = "adaptive") -> tuple[Tensor, Tensor, Tensor, None]:
     """The relaxation in the form backward passes use, each (B, *shape):
     ``(s_low, s_up - s_low, b_up, b_low)``; lower line ``s_low * z + b_low``, upper line

@@ -4,8 +4,9 @@ The protocol every relaxation module follows (see :mod:`certorch.relax.relu`, th
 ``fn``, ``interval(box)``, ``backward_lines(l, u, mode) -> (s_low, s_up - s_low, b_up, b_low)``
 (lower line ``s_low z + b_low``, upper ``s_up z + b_up``, valid on ``[l, u]``), ``apply_lines``,
 ``backward`` and ``needs_bounds(l, u)`` (which neurons profit from tighter pre-activation bounds).
-Forward zonotope / symbolic transformers and LP / MILP constraints are not provided here yet:
-those methods refuse the op with a one-line error.
+``parallel_lines(l, u) -> (lam, b_low, b_up)`` serves the forward methods (zonotope / DeepZ,
+symbolic intervals). LP / MILP constraints are not provided yet: the verifier's LP / MILP stages
+skip such networks.
 
 Lines on ``[l, u]`` (CROWN, Zhang et al. 2018, with the tangent points found by bisection):
 
@@ -108,8 +109,15 @@ def make(fn: Callable[[Tensor], Tensor], dfn: Callable[[Tensor], Tensor], name: 
     def needs_bounds(l: Tensor, u: Tensor) -> Tensor:
         return torch.ones_like(l, dtype=torch.bool)  # every neuron's lines tighten with its bounds
 
+    def parallel_lines(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """DeepZ's (Singh et al. 2018): slope ``lam = min(f'(l), f'(u))``, the smallest slope of f
+        on [l, u] (f' is unimodal), so ``f - lam z`` is non-decreasing: ``b_low = f(l) - lam l``,
+        ``b_up = f(u) - lam u``."""
+        lam = torch.minimum(dfn(l), dfn(u))
+        return lam, fn(l) - lam * l, fn(u) - lam * u
+
     return SimpleNamespace(name=name, fn=fn, interval=interval, lines=lines, backward_lines=backward_lines,
-                           apply_lines=apply_lines, backward=backward, needs_bounds=needs_bounds, deepz=None)
+                           apply_lines=apply_lines, backward=backward, needs_bounds=needs_bounds, parallel_lines=parallel_lines, deepz=None)
 
 
 def apply_lines(A: Tensor, s_low: Tensor, ds: Tensor, b_up: Tensor, b_low: Tensor | None = None):

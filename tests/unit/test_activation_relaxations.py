@@ -21,7 +21,8 @@ RELAXATIONS = {
     "tanh": sshape.tanh,
 }
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
-METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
+METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown", "zonotope", "symbolic", "dual"]
+POOL_METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown", "dual"]  # max pooling has no parallel lines
 
 
 @pytest.fixture(autouse=True)
@@ -126,11 +127,24 @@ def test_a_zero_width_box_gives_the_exact_output(act):
 
 
 @pytest.mark.parametrize("method,kw", [("zonotope", {}), ("symbolic", {}), ("dual", {"projections": 5})])
-def test_forward_methods_refuse_s_shaped_activations_in_one_line(method, kw):
-    net = _net("sigmoid", "dense", 0)
-    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
-    with pytest.raises(UnsupportedOperationError, match="sigmoid"):
-        ct.bound(net, x, 0.1, method=method, **kw)
+def test_forward_methods_refuse_maxpool_in_one_line(method, kw):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 2, 2), nn.ReLU(),
+                        nn.Flatten()).double()  # the second ReLU's bounds need the region through the pool
+    with pytest.raises(UnsupportedOperationError, match="maxpool"):
+        ct.bound(net, torch.rand(2, 1, 8, 8, dtype=torch.float64), 0.1, method=method, **kw)
+
+
+@pytest.mark.parametrize("name", list(RELAXATIONS))
+def test_parallel_lines_bound_the_activation_at_dense_samples_of_every_box(name):
+    rel = RELAXATIONS[name]
+    l, u = _boxes()
+    lam, b_low, b_up = rel.parallel_lines(l, u)
+    assert (lam >= 0).all() and (b_low <= b_up).all()
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)[:, None]
+    z = l + t * (u - l)
+    f = rel.fn(z)
+    tol = 1e-12 * (1 + f.abs())
+    assert (lam * z + b_low <= f + tol).all() and (lam * z + b_up >= f - tol).all()
 
 
 def test_leaky_relu_with_a_slope_above_one_is_refused():
@@ -166,7 +180,7 @@ def test_maxpool_backward_rule_lower_bounds_every_sampled_point(pool):
     assert (fx >= iv.lower - 1e-12).all() and (fx <= iv.upper + 1e-12).all()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", POOL_METHODS)
 @pytest.mark.parametrize("pool", POOLS, ids=["2x2", "3x3s1", "2x3"])
 def test_bounds_through_maxpool_contain_sampled_and_pgd_points(pool, method):
     torch.manual_seed(0)
