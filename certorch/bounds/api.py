@@ -13,6 +13,7 @@ from certorch.bounds.alpha import AlphaState, check_options, peak_bytes
 from certorch.bounds.backward import row_numel
 from certorch.bounds.context import BoundContext
 from certorch.bounds.ibp import ibp_box
+from certorch.bounds.intermediate import ibp_is_exact
 from certorch.bounds.methods import check_slope, get_method, intermediate_for, run_method
 from certorch.domains.box import Box
 from certorch.errors import CertorchError, MemoryBudgetError
@@ -227,6 +228,8 @@ def bound_many(
         proj = projections if m.supports_projections else None
         s = slope or m.slope
         inter = intermediate_for(m, proj)
+        if inter != m.intermediate and m.intermediate == "zonotope" and not _backward_is_cheaper(base):
+            inter = m.intermediate  # exact dual: the forward zonotope form of the same bounds is cheaper here
         key = (inter, s if inter == "crown" else None, proj)
         ctx = shared.get(key)
         if ctx is None:  # IBP boxes, affine maps and clean values are shared by every method
@@ -284,6 +287,14 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
     if return_intermediate:
         _expose(result, graph, subs)
     return result
+
+
+def _backward_is_cheaper(ctx: BoundContext) -> bool:
+    """Cost model (:func:`certorch.bounds.memory.backward_beats_zonotope`) on a throwaway IBP pass."""
+    with torch.no_grad():
+        probe = replace(ctx, boxes={}, ibp_boxes={}, regions={}, forward_done=set(), _values=None, _maps=ctx._maps)
+        ibp_box(probe, ctx.graph.output)
+        return memory.backward_beats_zonotope(probe, probe.ibp_boxes, lambda t: ibp_is_exact(probe, t))
 
 
 def _uses_batch_statistics(graph) -> bool:
