@@ -16,37 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bounds as bb  # noqa: E402
+from part3_acceptance import _complete, sh  # noqa: E402  (run a logged command; a finished run)
 
 RELAXATIONS = ["ibp", "symbolic", "zonotope", "crown-ibp", "crown", "dual", "triangle"]
 CONFIG = ROOT / "configs" / "part4" / "study" / "relaxation_study-cpu.yaml"
 CLI = [sys.executable, "-m", "certorch"]
-
-
-def sh(args: list[str], log: Path) -> float:
-    t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(args)}\n")
-        f.flush()
-        p = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(args)}; see {log}")
-    return time.time() - t0
-
-
-def _complete(run: Path) -> bool:
-    path = run / "summary.json"
-    if not path.is_file():
-        return False
-    s = json.loads(path.read_text())
-    return s.get("epochs_done", 0) >= s.get("epochs", 1)
 
 
 def run_one(relax: str, args, log: Path) -> dict:

@@ -25,12 +25,7 @@ METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown", "zonotope", "symbolic", "
 POOL_METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown", "dual"]  # max pooling has no parallel lines
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _boxes() -> tuple[torch.Tensor, torch.Tensor]:
