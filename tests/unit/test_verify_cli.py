@@ -191,10 +191,21 @@ def test_dimension_mismatch_exit_2(tmp_path, capsys):
 
 
 def test_unsupported_onnx_op_exit_2(tmp_path, capsys):
-    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 3))
     onnx_path, prop_path = _files(tmp_path, model, (3,), _robustness_prop([0.5] * 3, 0.1, 0, 3))
     rc, _, err = _verify(capsys, onnx_path, prop_path, "--timeout", 5)
-    assert rc == 2 and "unsupported ONNX ops: Sigmoid" in err
+    assert rc == 2 and "unsupported ONNX ops: Softplus" in err
+
+
+def test_sigmoid_network_gets_an_answer_not_an_error(tmp_path, capsys):
+    """Sigmoid networks are verified (CROWN bounds them), not refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 3))
+    with torch.no_grad():
+        label = int(model(torch.full((1, 3), 0.5)).argmax())
+    onnx_path, prop_path = _files(tmp_path, model, (3,), _robustness_prop([0.5] * 3, 0.01, label, 3))
+    rc, out, _ = _verify(capsys, onnx_path, prop_path, "--timeout", 10)
+    assert rc == 0 and out.strip() == "unsat"  # a small ball around a correctly classified point: CROWN proves it
 
 
 def test_image_shaped_network_with_normalization(tmp_path, capsys):
