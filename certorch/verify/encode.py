@@ -176,7 +176,6 @@ def select_binaries(l: np.ndarray, u: np.ndarray, unstable: np.ndarray, binaries
     return mask
 
 
-@torch.no_grad()
 def unsupported_reason(graph: Graph) -> str | None:
     """Why ``graph`` cannot be encoded (one line), or None: the encoding has affine ops and ReLU."""
     for node in graph.nodes[1:]:
@@ -185,6 +184,7 @@ def unsupported_reason(graph: Graph) -> str | None:
     return None
 
 
+@torch.no_grad()
 def encode(
     graph: Graph,
     input_lower: np.ndarray,
@@ -202,6 +202,9 @@ def encode(
     ``linear_parts``: a dict kept by the caller across calls on the same network (same weights):
     the affine maps' sparse linear parts are extracted once and reused from it.
     """
+    reason = unsupported_reason(graph)
+    if reason is not None:
+        raise UnsupportedOperationError(reason)
     b = _Builder()
     var_of: dict[int, np.ndarray] = {0: b.add_vars(input_lower.astype(np.float64), input_upper.astype(np.float64))}
     unstable_count: dict[int, int] = {}
@@ -215,17 +218,13 @@ def encode(
             var_of[node.index] = _encode_affine(b, graph, node, var_of, bounds.get(node.index), deadline, linear_parts)
             if b.m > row0:
                 affine_rows[node.index] = row0
-        elif node.is_activation and node.op.kind == "relu":
+        else:  # a ReLU (unsupported_reason admits nothing else)
             src = node.inputs[0]
             if src not in bounds:
                 raise UnsupportedOperationError(f"no pre-activation bounds for ReLU node {node.name!r}")
             l, u = bounds[src]
             var_of[node.index], triangles[node.index] = _encode_relu(b, var_of[src], l, u, binaries)
             unstable_count[node.index] = int(triangles[node.index][0].size)
-        else:
-            raise UnsupportedOperationError(
-                f"the LP/MILP encoding supports affine ops and ReLU, not {node.op.kind!r} (node {node.name!r})"
-            )
     return b.finish(var_of, unstable_count, triangles, affine_rows)
 
 
