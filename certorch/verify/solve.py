@@ -252,6 +252,22 @@ def _status_name(status) -> str:
     return _STATUS_NAMES[name]
 
 
+def highs_lp(A, cost: np.ndarray, col_lower: np.ndarray, col_upper: np.ndarray, row_lower: np.ndarray,
+             row_upper: np.ndarray, offset: float = 0.0):
+    """A ``highspy.HighsLp`` for ``min cost . v + offset`` s.t. ``row_lower <= A v <= row_upper``,
+    ``col_lower <= v <= col_upper``; ``A``: a scipy CSC matrix."""
+    hs = _highs_module()
+    lp = hs.HighsLp()
+    lp.num_col_, lp.num_row_ = A.shape[1], A.shape[0]
+    lp.col_cost_, lp.col_lower_, lp.col_upper_ = cost, col_lower, col_upper
+    lp.row_lower_, lp.row_upper_ = row_lower, row_upper
+    lp.offset_ = offset
+    lp.a_matrix_.format_ = hs.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = A.shape[1], A.shape[0]
+    return lp
+
+
 def minimize_region(
     enc: Encoding,
     out_vars: np.ndarray,
@@ -283,14 +299,7 @@ def minimize_region(
     use_int = integer and enc.integer.size > 0
     tol = Tolerances()
     margin = milp_margin(cost, offset, clo, chi, tol) if use_int else math.inf  # LP: set after the solve
-    lp = hs.HighsLp()
-    lp.num_col_, lp.num_row_ = A.shape[1], A.shape[0]
-    lp.col_cost_, lp.col_lower_, lp.col_upper_ = cost, clo, chi
-    lp.row_lower_, lp.row_upper_ = rlo, rhi
-    lp.offset_ = offset
-    lp.a_matrix_.format_ = hs.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
-    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = A.shape[1], A.shape[0]
+    lp = highs_lp(A, cost, clo, chi, rlo, rhi, offset)
     if use_int:
         integrality = np.full(A.shape[1], hs.HighsVarType.kContinuous)
         integrality[enc.integer] = hs.HighsVarType.kInteger
@@ -360,5 +369,5 @@ def minimize_region(
                      stop_below=stop_below, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["OUTCOMES", "SolveResult", "Tolerances", "interpret", "lp_dual_bound", "milp_margin", "minimize_region",
-           "new_highs"]
+__all__ = ["OUTCOMES", "SolveResult", "Tolerances", "highs_lp", "interpret", "lp_dual_bound", "milp_margin",
+           "minimize_region", "new_highs"]

@@ -54,7 +54,7 @@ from certorch.bounds.methods import BoundMethod, register_final, register_method
 from certorch.errors import CertorchError, UnsupportedOperationError
 from certorch.relax import relu as relu_relax
 from certorch.verify.encode import Encoding, encode
-from certorch.verify.solve import _highs_module, _status_name, new_highs
+from certorch.verify.solve import _status_name, highs_lp, new_highs
 
 #: a dual multiplier below this counts as zero when reading the slopes
 DUAL_ZERO = 1e-12
@@ -161,17 +161,10 @@ def free_hidden_boxes(enc: Encoding, graph) -> tuple[np.ndarray, np.ndarray]:
 
 def _solve_rows(enc: Encoding, graph, spec: np.ndarray, sol: LPSolutions, i: int) -> None:
     """Solve the S spec rows (S, K) of example ``i`` and record them in ``sol``."""
-    hs = _highs_module()
     A = enc.A.tocsc()
     n = A.shape[1]
     clo, chi = free_hidden_boxes(enc, graph)
-    lp = hs.HighsLp()
-    lp.num_col_, lp.num_row_ = n, A.shape[0]
-    lp.col_cost_, lp.col_lower_, lp.col_upper_ = np.zeros(n), clo, chi
-    lp.row_lower_, lp.row_upper_ = enc.row_lower, enc.row_upper
-    lp.a_matrix_.format_ = hs.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
-    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n, A.shape[0]
+    lp = highs_lp(A, np.zeros(n), clo, chi, enc.row_lower, enc.row_upper)
     h = new_highs()
     h.setOptionValue("threads", 1)
     h.setOptionValue("presolve", "off")  # keeps the basis between rows: each re-solve is warm-started
