@@ -55,6 +55,8 @@ from certorch.errors import CertorchError, DeadlineExceeded
 #: defaults of auto_LiRPA 0.3's ``CROWN-Optimized``: iterations, Adam learning rate, decay per step
 DEFAULT_ITERS = 20
 DEFAULT_LR = 0.5
+#: Adam learning rate of the split multipliers (beta), alpha-beta-CROWN's default
+BETA_LR = 0.05
 LR_DECAY = 0.98
 #: per (row, neuron) coefficient of an iteration: tensors autograd keeps per relaxation step
 #: (the coefficients, their negative part, the lines) + slope, gradient, Adam moments, best copy
@@ -144,10 +146,14 @@ class AlphaSlopes:
     ``warm``: stored slopes ``{(target, act, sign): (ids, slopes)}`` to start from.
     """
 
-    def __init__(self, warm: dict | None):
+    def __init__(self, warm: dict | None, target: int | None = None, beta: bool = False):
         self.slots: dict[tuple[int, int, int, int], Tensor] = {}
         self.slot_ids: dict[tuple[int, int, int, int], Tensor] = {}
         self.warm = warm or {}
+        self.target = target  # the spec's node: its rows get split multipliers and have coefficients recorded
+        self.beta = beta and target is not None
+        self.beta_keys: set[tuple[int, int, int, int]] = set()
+        self.coefficients: dict[int, Tensor] = {}  # node -> last coefficients of the target's rows there
 
     # --- what the backward interpreter asks ------------------------------------------------
 
@@ -158,6 +164,42 @@ class AlphaSlopes:
         position, and whether the rows start as windows (:class:`Patches`: rows and negated rows
         then alternate per window position, also after a conversion to dense)."""
         return target, s0, ids, negated, unit_rows, windows
+
+    def has_beta(self, rows: tuple) -> bool:
+        """True when this pass's rows carry split multipliers (the spec's rows, with splits)."""
+        return self.beta and rows[0] == self.target
+
+    def record(self, rows: tuple, node: int, A) -> None:
+        """Keep the coefficients (detached) that the spec's rows have at the value of ``node``
+        (an activation's output, or the network's input): branching scores and the minimiser
+        of the linear bound read them (``BoundResult.extra["coefficients"]`` by node name)."""
+        if rows[0] == self.target:
+            self.coefficients[node] = (A.to_dense() if isinstance(A, Patches) else A).detach()
+
+    def beta_backward(self, rows: tuple, node: int, A: Tensor, split: Tensor) -> Tensor:
+        """Add the Lagrangian terms of the split constraints ``s_j z_j >= 0`` of ``node`` to the
+        coefficients A (L, k, *shape) of z (beta-CROWN): for ``beta >= 0`` and every x of the
+        domain, ``A z >= (A - beta s) z``, so a lower bound of the right side over the whole
+        input box is one over the domain, and maximising over beta recovers what the
+        constraints cut off. ``split``: (B, n) in {-1, 0, +1}. Returns (B, k, *shape)."""
+        target, s0, ids, negated, G, from_windows = rows
+        key = (target, node, 1, s0)
+        B, n = split.shape
+        beta = self.slots.get(key)
+        if beta is None:
+            with torch.no_grad():
+                first = A.new_zeros(B, ids.numel(), n)
+                old = self.warm.get(key[:3])
+                if old is not None and old[1].shape[2] == n:
+                    prev = _lookup(ids.to(old[0].device), old[0], old[1]).to(first.device, first.dtype)
+                    first = torch.where(torch.isnan(prev), first, prev.clamp(min=0.0))
+                beta = first.requires_grad_(True)
+            self.slots[key] = beta
+            self.slot_ids[key] = ids
+            self.beta_keys.add(key)
+        s = split.to(A.dtype).unsqueeze(1)  # (B, 1, n)
+        A_new = A.flatten(2) - beta.clamp(min=0.0) * s
+        return A_new.view(A_new.shape[:2] + A.shape[2:])
 
     def relu_backward(self, relax, rows: tuple, act: int, A, box: Box, mode: str):
         """Push coefficients A (dense (L, S, *shape) or :class:`Patches`) back through the ReLU
@@ -226,6 +268,7 @@ class AlphaOptions:
     iters: int = DEFAULT_ITERS
     lr: float = DEFAULT_LR
     state: AlphaState | None = None
+    beta_lr: float = BETA_LR
 
 
 def check_options(iters: Any = None, lr: Any = None, state: Any = None) -> dict[str, Any]:
@@ -278,6 +321,7 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
         ref_low, ref_up = backward_bounds(ref, out, C, lambda i: pre_bounds(ref, i), upper)
     ctx._values = ref._values
     warm = opts.state.sides if opts.state is not None else {}
+    ctx.extra = {}
     lower, lo_slopes, boxes = _optimise(ctx, C, ref_low, ref.boxes, opts, warm.get("lower"))
     sides = {"lower": lo_slopes}
     up = None
@@ -287,7 +331,7 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
         sides["upper"] = up_slopes
         boxes = {k: b.intersect(up_boxes[k]) if k in up_boxes else b for k, b in boxes.items()}
     ctx.boxes = boxes
-    ctx.extra = {"alpha": AlphaState(signature(ctx.graph), ctx.batch, sides)}
+    ctx.extra["alpha"] = AlphaState(signature(ctx.graph), ctx.batch, sides)
     return lower, up
 
 
@@ -298,7 +342,7 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
     out = ctx.graph.output
     S = C.shape[1]
     ids = torch.arange(S, device=C.device)
-    store = AlphaSlopes(warm)
+    store = AlphaSlopes(warm, out, beta=bool(ctx.splits))
     best = ref_low.detach().clone()
     best_boxes = dict(ref_boxes)
     best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
@@ -325,16 +369,24 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
                     best_alpha[key] = a.detach().clone()
                 else:
                     best_alpha[key][better] = a.detach()[better]
-        params = list(store.slots.values())
+        keys = list(store.slots)
+        params = [store.slots[k] for k in keys]
         if t == opts.iters - 1 or not params or not low.requires_grad:
             break
-        if opt is None:
-            opt = ProjectedAdam(params, opts.lr)
-        elif len(params) > len(opt.params):  # slots first used in this iteration (not expected)
-            opt.extend(params[len(opt.params):])
+        if opt is None:  # slopes in [0, 1], split multipliers in [0, inf)
+            opt = {False: ProjectedAdam([], opts.lr), True: ProjectedAdam([], opts.beta_lr, high=None)}
+            seen: set = set()
+        new = [k for k in keys if k not in seen]  # slots are created in the first iteration
+        for k in new:
+            opt[k in store.beta_keys].extend([store.slots[k]])
+            seen.add(k)
         with torch.enable_grad():
-            grads = torch.autograd.grad(-low.sum(), params, allow_unused=True)
-        opt.step(list(grads))
+            grads = dict(zip(keys, torch.autograd.grad(-low.sum(), params, allow_unused=True)))
+        for is_beta, o in opt.items():
+            o.step([grads[k] for k in keys if (k in store.beta_keys) == is_beta])
+    if not ctx.extra.get("coefficients"):  # the first optimisation's (lower bounds of C)
+        names = {i: ctx.graph.nodes[i].name for i in store.coefficients}
+        ctx.extra["coefficients"] = {names[i]: A for i, A in store.coefficients.items()}
     return best, store.export(best_alpha), best_boxes
 
 
@@ -346,8 +398,9 @@ class ProjectedAdam:
     2.13's fused CPU Adam misreads non-contiguous gradients."""
 
     def __init__(self, params: list[Tensor], lr: float, decay: float = LR_DECAY,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, high: float | None = 1.0):
         self.params, self.lr, self.decay, self.betas, self.eps = params, lr, decay, betas, eps
+        self.high = high  # projection onto [0, high] ([0, inf) with None)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = 0
@@ -368,7 +421,7 @@ class ProjectedAdam:
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             p.addcdiv_(m, v.sqrt().div_(math.sqrt(bc2)).add_(self.eps), value=-self.lr / bc1)
-            p.clamp_(0.0, 1.0)
+            p.clamp_(0.0, self.high)
         self.lr *= self.decay
 
 
@@ -384,7 +437,7 @@ def peak_bytes(ctx: BoundContext, spec_rows: int, itemsize: int) -> float:
         targets: list[tuple[int, int, bool]] = []
         for a in graph.activation_nodes():
             t = a.inputs[0]
-            if ibp_is_exact(ctx, t):
+            if t in ctx.given or ibp_is_exact(ctx, t):
                 continue
             box = ibp_box(ctx, t)
             unstable = ((box.lower.flatten(1) < 0) & (box.upper.flatten(1) > 0)).any(0)

@@ -97,6 +97,8 @@ def bound(
     alpha_iters: int | None = None,
     alpha_lr: float | None = None,
     alpha_state: AlphaState | None = None,
+    splits: dict[str, Tensor] | None = None,
+    intermediate_bounds: dict[str, Box] | None = None,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
@@ -135,6 +137,15 @@ def bound(
             learning rate (default 0.5, decayed by 0.98 per step), as auto_LiRPA's CROWN-Optimized.
         alpha_state: ``alpha-crown`` only: slopes of an earlier call
             (``result.extra["alpha"]``) to start from (warm start; same network and batch size).
+        splits: branch-and-bound split constraints, ``{node name: (B, *node_shape) tensor}`` of
+            +1 (the sub-domain where that neuron is >= 0), -1 (<= 0) or 0 (free): the bounds
+            hold over the part of the input set that satisfies them. Every method clamps the
+            split neurons' bounds; ``alpha-crown`` also optimises one Lagrange multiplier per
+            (spec row, split neuron) (beta-CROWN), which carries the constraints into the bound.
+            An infeasible sub-domain may get any bound (it has no points).
+        intermediate_bounds: ``{node name: Box (B, *node_shape)}`` bounds known to hold over
+            the input set (e.g. a parent domain's ``result.intermediate``), used as they are
+            (clamped by ``splits``) instead of being computed.
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
@@ -142,7 +153,8 @@ def bound(
                       dtype=dtype, return_intermediate=return_intermediate, generator=generator,
                       max_elements=max_elements, memory_budget=memory_budget, deadline=deadline, upper=upper,
                       patches=patches, alpha_iters=alpha_iters, alpha_lr=alpha_lr,
-                      alpha_state=alpha_state)[get_method(method).name]
+                      alpha_state=alpha_state, splits=splits,
+                      intermediate_bounds=intermediate_bounds)[get_method(method).name]
 
 
 def bound_many(
@@ -169,6 +181,8 @@ def bound_many(
     alpha_iters: int | None = None,
     alpha_lr: float | None = None,
     alpha_state: AlphaState | None = None,
+    splits: dict[str, Tensor] | None = None,
+    intermediate_bounds: dict[str, Box] | None = None,
 ) -> dict[str, BoundResult]:
     """Several final bounds from one set of intermediate bounds: ``{method name: BoundResult}``.
 
@@ -219,6 +233,8 @@ def bound_many(
         graph=graph, box=box, x=x, dtype=dtype, generator=generator,
         max_elements=max_elements or memory.max_elements_for(budget, itemsize), patches=patches,
         memory_budget=budget, deadline=deadline, keep_regions=return_intermediate, options=options,
+        splits=_check_splits(graph, splits, x.shape[0], x.device),
+        given=_check_given(graph, intermediate_bounds, x.shape[0], dtype, x.device),
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
     batch_stats = _uses_batch_statistics(graph)
@@ -269,6 +285,7 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
         sl = slice(s0, min(ctx.batch, s0 + chunk))
         sub = replace(ctx, box=box[sl], x=x[sl], boxes={}, ibp_boxes={}, regions={}, forward_done=set(),
                       _values=None, _maps=ctx._maps, extra={},
+                      splits={k: v[sl] for k, v in ctx.splits.items()}, given={k: v[sl] for k, v in ctx.given.items()},
                       options={k: v.select(sl) if isinstance(v, AlphaState) else v for k, v in ctx.options.items()})
         try:
             lo_c, up_c = run_method(m, sub, spec[sl], upper)
@@ -284,9 +301,51 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
     result = BoundResult(torch.cat(lows), torch.cat(ups) if ups[0] is not None else None, m.name, sound)
     if all("alpha" in c.extra for c in subs):
         result.extra["alpha"] = AlphaState.cat([c.extra["alpha"] for c in subs])
+    coeffs = [c.extra.get("coefficients", {}) for c in subs]
+    if coeffs[0]:
+        result.extra["coefficients"] = {k: torch.cat([c[k].expand(s.batch, *c[k].shape[1:]) for c, s in
+                                                      zip(coeffs, subs)]) for k in coeffs[0] if all(k in c for c in coeffs)}
     if return_intermediate:
         _expose(result, graph, subs)
     return result
+
+
+def _node_index(graph, name: str, what: str) -> int:
+    for n in graph.nodes:
+        if n.name == name and not n.is_input:
+            return n.index
+    valid = ", ".join(n.name for n in graph.nodes if not n.is_input)
+    raise CertorchError(f"{what} names node {name!r}, which the network does not have; its nodes: {valid}")
+
+
+def _check_splits(graph, splits: dict | None, B: int, device) -> dict[int, Tensor]:
+    """``{node name: (B, *shape) in {-1, 0, 1}}`` -> ``{node index: (B, n) int8}``."""
+    out: dict[int, Tensor] = {}
+    for name, s in (splits or {}).items():
+        i = _node_index(graph, name, "splits")
+        s = torch.as_tensor(s, device=device)
+        shape = (B, *graph.nodes[i].shape)
+        if tuple(s.shape) != shape:
+            raise CertorchError(f"splits[{name!r}] must have shape {shape}, got {tuple(s.shape)}")
+        if not bool(((s == 0) | (s == 1) | (s == -1)).all()):
+            raise CertorchError(f"splits[{name!r}] must hold only -1, 0 and +1")
+        if bool((s != 0).any()):
+            out[i] = s.to(torch.int8).reshape(B, -1)
+    return out
+
+
+def _check_given(graph, given: dict | None, B: int, dtype, device) -> dict[int, Box]:
+    """``{node name: Box (B, *shape)}`` -> ``{node index: Box}`` in the computation's dtype."""
+    out: dict[int, Box] = {}
+    for name, b in (given or {}).items():
+        i = _node_index(graph, name, "intermediate_bounds")
+        shape = (B, *graph.nodes[i].shape)
+        if not isinstance(b, Box) or tuple(b.lower.shape) != shape or tuple(b.upper.shape) != shape:
+            raise CertorchError(f"intermediate_bounds[{name!r}] must be a Box of shape {shape}")
+        if bool(torch.isnan(b.lower).any() | torch.isnan(b.upper).any()):
+            raise CertorchError(f"intermediate_bounds[{name!r}] contains NaN")
+        out[i] = b.to(device=device, dtype=dtype)
+    return out
 
 
 def _backward_is_cheaper(ctx: BoundContext) -> bool:

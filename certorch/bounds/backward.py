@@ -52,7 +52,12 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds, 
             continue
         ctx.tick()
         node = graph.nodes[i]
+        if rows is not None and i in ctx.splits and ctx.alpha.has_beta(rows):
+            # split constraints s * z >= 0 of this node, with Lagrange multipliers (beta-CROWN)
+            Ai = ctx.alpha.beta_backward(rows, i, Ai.to_dense() if isinstance(Ai, Patches) else Ai, ctx.splits[i])
         if node.is_input:
+            if rows is not None:
+                ctx.alpha.record(rows, i, Ai)
             lower = input_lower(ctx, Ai)
         elif node.is_affine:
             m = ctx.affine_map(i)
@@ -81,6 +86,7 @@ def backward_lower(ctx: BoundContext, target: int, A: Coefficients, pre_bounds, 
                                              ctx.slope)
             elif rows is not None and getattr(relax, "free_lower_lines", None) is not None:
                 # optimised lower slopes, one per (spec row, neuron)
+                ctx.alpha.record(rows, i, Ai)
                 A_in, c_add = ctx.alpha.relu_backward(relax, rows, i, Ai, box, ctx.slope)
             elif isinstance(Ai, Patches):
                 B = box.lower.shape[0]

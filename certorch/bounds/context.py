@@ -36,6 +36,11 @@ class BoundContext:
     keep_regions: bool = False  # keep every node's forward abstract value (return_intermediate)
     options: dict[str, Any] = field(default_factory=dict)  # method options from bound() (alpha_iters, ...)
     alpha: Any = None  # per-row ReLU lower slopes of one alpha-CROWN pass (certorch.bounds.alpha)
+    #: split constraints (branch and bound): node index -> (B, n) int8 per neuron of that node,
+    #: +1: the domain has z >= 0, -1: z <= 0, 0: free (see :func:`apply_splits`)
+    splits: dict[int, Tensor] = field(default_factory=dict)
+    #: bounds of nodes known to hold over the domain (e.g. a parent domain's), used instead of computing them
+    given: dict[int, Box] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # method outputs for BoundResult.extra
     boxes: dict[int, Box] = field(default_factory=dict)  # bounds per node (the best known)
     ibp_boxes: dict[int, Box] = field(default_factory=dict)
@@ -58,6 +63,20 @@ class BoundContext:
         """Raise :class:`DeadlineExceeded` once the deadline has passed (called between nodes)."""
         if self.deadline is not None and time.perf_counter() > self.deadline:
             raise DeadlineExceeded("bound computation ran past its deadline")
+
+    def constrain(self, idx: int, box: Box) -> Box:
+        """``box`` of node ``idx`` restricted to the domain's split constraints (identity without
+        splits on ``idx``): ``z >= 0`` raises the lower bound to 0, ``z <= 0`` lowers the upper
+        bound to 0. Where a split contradicts the bounds the box is empty (lower > upper): the
+        domain is infeasible, and every bound of an empty domain is sound."""
+        s = self.splits.get(idx)
+        if s is None:
+            return box
+        shape = box.lower.shape
+        s = s.view(shape)
+        zero = torch.zeros((), dtype=box.lower.dtype, device=box.lower.device)
+        return Box(torch.where(s > 0, torch.maximum(box.lower, zero), box.lower),
+                   torch.where(s < 0, torch.minimum(box.upper, zero), box.upper))
 
     def affine_map(self, idx: int) -> AffineMap:
         """The node's affine map (cached for this call)."""

@@ -17,7 +17,9 @@ def pre_bounds(ctx: BoundContext, idx: int) -> Box:
     if idx in ctx.boxes:
         return ctx.boxes[idx]
     kind = ctx.intermediate
-    if kind == "ibp":
+    if idx in ctx.given:
+        box = ctx.given[idx]
+    elif kind == "ibp":
         box = ibp_box(ctx, idx)
     elif kind == "zonotope":
         box = zonotope_region(ctx, idx).box()
@@ -27,6 +29,7 @@ def pre_bounds(ctx: BoundContext, idx: int) -> Box:
         box = crown_box(ctx, idx)
     else:
         raise ValueError(f"unknown intermediate bound strategy {kind!r}")
+    box = ctx.constrain(idx, box)
     ctx.boxes[idx] = box
     return box
 

@@ -10,7 +10,8 @@ Public API::
 Stage names: ``clean`` (always first: misclassified -> NOT_VERIFIED), ``pgd``/``cw`` (attack ->
 FALSIFIED), ``ibp``, ``crown`` (and the other ``ct.bound`` methods), ``linf`` (L_inf-dist
 certificate; replaces ``ibp``/``crown`` automatically for L_inf-dist nets), ``lp`` (triangle LP),
-``refine`` (MILP with 50 binaries per layer), ``milp`` (complete big-M MILP).
+``bab`` (branch and bound over ReLU or input splits, :mod:`certorch.verify.bab`), ``refine`` (MILP
+with 50 binaries per layer), ``milp`` (complete big-M MILP).
 
 :func:`run_stages` is the final entry point: it times every stage per example, turns a crash into
 ``ERROR`` (never ``UNKNOWN``), re-checks every counterexample with a float64 forward pass inside
@@ -30,6 +31,7 @@ from certorch.domains.box import Box
 from certorch.nn.mode import eval_mode
 from certorch.errors import CertorchError, DeadlineExceeded
 from certorch.spec import check_finite, linf_ball, margin_matrix
+from certorch.verify.bab import BabStage
 from certorch.verify.lp import LPStage
 from certorch.verify.milp import MilpStage
 from certorch.verify.results import Verdict, VerificationResult
@@ -39,7 +41,7 @@ from certorch.verify.stages import (AlphaCrownStage, AttackStage, BoundStage, Cl
 DEFAULT_STAGES = ("pgd", "ibp", "crown", "lp", "milp")
 REFINE_BINARIES = 50
 _BOUND_METHODS = ("ibp", "zonotope", "symbolic", "crown", "crown-ibp", "dual", "alpha-crown")
-_COMPLETE_ONLY = ("lp", "refine", "milp")
+_COMPLETE_ONLY = ("lp", "refine", "milp", "bab")
 
 
 def is_linf_dist_net(model: nn.Module) -> bool:
@@ -76,12 +78,14 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
             out.append(LinfDistStage())
         elif n == "lp":
             out.append(LPStage())
+        elif n == "bab":
+            out.append(BabStage())
         elif n == "refine":
             out.append(MilpStage(REFINE_BINARIES))
         elif n == "milp":
             out.append(MilpStage("all"))
         else:
-            valid = ["clean", "pgd", "cw", *_BOUND_METHODS, "linf", "lp", "refine", "milp"]
+            valid = ["clean", "pgd", "cw", *_BOUND_METHODS, "linf", "lp", "bab", "refine", "milp"]
             raise CertorchError(f"unknown verification stage {n!r}; valid: {', '.join(valid)}")
     return out
 

@@ -1,0 +1,391 @@
+"""Branch and bound (``bab`` stage): complete verification by splitting the problem into
+sub-domains until every one is proved or a counterexample is found.
+
+Two ways to split, chosen per network:
+
+* **ReLU splitting** (the default): a sub-domain fixes the sign of some unstable ReLU inputs,
+  ``z_j >= 0`` or ``z_j <= 0``. Each sub-domain is bounded by alpha-CROWN with the split
+  constraints in the bound (``ct.bound(..., splits=)``): the split neurons' bounds are clamped
+  (their relaxation becomes exact) and one Lagrange multiplier per (spec row, split neuron) is
+  optimised with the slopes (beta-CROWN, Wang et al. 2021), which carries each constraint into
+  the whole bound. Intermediate bounds are the root's, clamped by the splits
+  (``intermediate_bounds=``): valid on every sub-domain, and the multipliers make up for not
+  recomputing them. Slopes and multipliers of a parent warm-start its children.
+* **Input splitting** when the input has few elements (``input_split_dims``, e.g. ACAS Xu's 5):
+  the input box is bisected along the coordinate whose width moves the bound most
+  (``|coefficient| x radius`` of the unproved rows), and each half is bounded from scratch.
+
+Every step takes the ``batch`` sub-domains with the lowest bounds (best first), picks a
+branching neuron per domain with a BaBSR-style score (Bunel et al. 2020: the coefficient that
+the unproved rows put on the ReLU's output times the triangle's intercept ``-l u / (u - l)``,
+i.e. what the upper line costs the bound; ties broken by the bound's width) and bounds all
+children in **one** batched ``ct.bound`` call: the domains are the batch, nothing loops over
+domains in Python. A child whose bound is positive, or whose clamped bounds are empty (the
+splits contradict each other: the sub-domain has no points), is proved and dropped.
+
+Counterexamples: the minimiser of each child's linear bound over its box is tried, after a few
+projected sign-gradient steps on the property inside the box; the first point whose float64
+value is <= 0 ends the search (FALSIFIED; the pipeline rechecks it).
+
+Memory: the queue's tensors are counted after each step; past ``max_bytes`` the search stops
+with UNKNOWN and says so (it never grows until the machine kills the process). A domain whose
+every unstable ReLU is split and whose bound is still <= 0 cannot be split further (ReLU mode):
+the search then ends undecided, and the next stage (MILP) takes over.
+
+Soundness rests on the bound engine: each child's bound is a sound bound over its sub-domain
+(any slopes in [0, 1], any multipliers >= 0), and the sub-domains of a split cover the parent.
+Tests (tests/unit/test_bab.py) compare verdicts with MILP and brute force on random tiny nets.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from certorch.bounds.alpha import AlphaState
+from certorch.domains.box import Box
+from certorch.errors import DeadlineExceeded
+from certorch.graph.capture import capture
+from certorch.verify.results import Verdict
+from certorch.verify.stages import Problem, Stage, StageOutput, float64_forward
+
+#: ReLU kinds whose inputs may be split (their relaxation is exact once the sign is fixed)
+SPLITTABLE = ("relu",)
+
+
+@dataclass(frozen=True)
+class BabOptions:
+    """Settings of one branch-and-bound search.
+
+    ``batch``: domains split per step (each gives two children, bounded in one call);
+    ``iters``: alpha/beta iterations per child bound; ``root_iters``: at the root;
+    ``max_bytes``: memory bound of the domain queue; ``input_split_dims``: split the input box
+    instead of ReLUs when the input has at most this many elements; ``attack_steps``:
+    sign-gradient steps from each child's bound minimiser.
+    """
+
+    batch: int = 64
+    iters: int = 8
+    root_iters: int = 20
+    max_bytes: int = 2 * 2**30
+    input_split_dims: int = 16
+    attack_steps: int = 5
+
+
+@dataclass
+class Domains:
+    """D sub-domains of one example, as batched tensors.
+
+    ``rows``: (D, S) lower bounds of the spec rows (offsets ``d`` included); ``lb``: (D,) lower
+    bound of the smallest region value; ``box``: input boxes (D, *in); ``splits``: pre-activation
+    node name -> (D, *shape) int8 signs; ``bounds``: pre-activation node name -> Box (D, *shape);
+    ``alpha``: slopes and multipliers (:class:`AlphaState`, batch D) or None; ``coeffs``: node
+    name -> (D, S, *shape) coefficients of the rows at activation outputs and at the input.
+    """
+
+    rows: Tensor
+    lb: Tensor
+    box: Box
+    splits: dict[str, Tensor]
+    bounds: dict[str, Box]
+    alpha: AlphaState | None
+    coeffs: dict[str, Tensor]
+
+    @property
+    def size(self) -> int:
+        return self.lb.shape[0]
+
+    def select(self, idx: Tensor) -> "Domains":
+        return Domains(self.rows[idx], self.lb[idx], self.box[idx], {k: v[idx] for k, v in self.splits.items()},
+                       {k: v[idx] for k, v in self.bounds.items()},
+                       self.alpha.select(idx) if self.alpha is not None else None,
+                       {k: v[idx] for k, v in self.coeffs.items()})
+
+    @staticmethod
+    def cat(parts: list["Domains"]) -> "Domains":
+        parts = [p for p in parts if p.size]
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        alpha = AlphaState.cat([p.alpha for p in parts]) if all(p.alpha is not None for p in parts) else None
+        return Domains(torch.cat([p.rows for p in parts]), torch.cat([p.lb for p in parts]),
+                       Box(torch.cat([p.box.lower for p in parts]), torch.cat([p.box.upper for p in parts])),
+                       {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
+                       {k: Box(torch.cat([p.bounds[k].lower for p in parts]),
+                               torch.cat([p.bounds[k].upper for p in parts])) for k in first.bounds},
+                       alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in first.coeffs})
+
+    def nbytes(self) -> int:
+        ts = [self.rows, self.lb, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]
+        ts += [t for b in self.bounds.values() for t in (b.lower, b.upper)]
+        if self.alpha is not None:
+            ts += [v for side in self.alpha.sides.values() for _, v in side.values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+@dataclass
+class BabResult:
+    verdict: Verdict | None  # None: undecided (out of memory, unsplittable domains)
+    lower: float  # proven lower bound of the smallest region value (the min over leaves)
+    counterexample: Tensor | None = None
+    domains: int = 0  # sub-domains bounded
+    timed_out: bool = False
+    message: str = ""
+    history: list[tuple[float, int]] = field(default_factory=list)  # (seconds, open domains) per step
+
+
+class _Net:
+    """What the search needs to know about the captured network."""
+
+    def __init__(self, problem: Problem):
+        graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
+        self.graph = graph
+        acts = [n for n in graph.activation_nodes() if n.op.kind in SPLITTABLE]
+        self.pre = [graph.nodes[a.inputs[0]].name for a in acts]  # split nodes
+        self.act = {graph.nodes[a.inputs[0]].name: a.name for a in acts}  # split node -> its ReLU
+        self.input = graph.nodes[0].name
+        self.relu_only = all(n.op.kind in SPLITTABLE for n in graph.activation_nodes())
+        self.output = graph.output
+
+
+def bound_domains(problem: Problem, i: int, net: _Net, box: Box, splits: dict[str, Tensor],
+                  given: dict[str, Box], alpha: AlphaState | None, iters: int, deadline: float) -> Domains:
+    """Bound D sub-domains of example ``i`` in one ``ct.bound`` call (alpha-CROWN with splits)."""
+    from certorch.bounds.api import bound
+
+    D = box.lower.shape[0]
+    C = problem.C[i : i + 1].expand(D, *problem.C.shape[1:])
+    with torch.no_grad():
+        res = bound(problem.model, box.center, method="alpha-crown", C=C, box=box, dtype=torch.float64,
+                    upper=False, return_intermediate=True, splits=splits or None,
+                    intermediate_bounds=given or None, alpha_state=alpha, alpha_iters=iters,
+                    deadline=deadline if math.isfinite(deadline) else None)
+    rows = res.lower + problem.d[i].to(res.lower.dtype)
+    lb = problem.region_max(rows).amin(dim=1)
+    bounds = {k: res.intermediate[k] for k in net.pre if k in res.intermediate}
+    empty = torch.zeros(D, dtype=torch.bool, device=lb.device)
+    for k, b in bounds.items():  # contradictory splits: the sub-domain has no points
+        empty |= (b.lower > b.upper).flatten(1).any(1)
+    lb = torch.where(empty, torch.full_like(lb, math.inf), lb)
+    state = res.extra.get("alpha")
+    if state is not None:  # keep the spec rows' slopes and multipliers only (children reuse the bounds)
+        sides = {s: {k: v for k, v in d.items() if k[0] == net.output} for s, d in state.sides.items()}
+        state = AlphaState(state.signature, state.batch, sides)
+    return Domains(rows, lb, box, splits, bounds, state, res.extra.get("coefficients", {}))
+
+
+def _unproved_rows(doms: Domains) -> Tensor:
+    """(D, S) weight 1 on rows that are not yet positive."""
+    return (doms.rows <= 0).to(doms.rows.dtype)
+
+
+def branch_relu(doms: Domains, net: _Net) -> tuple[Domains, Tensor, dict[str, Tensor]]:
+    """Children of every domain by splitting one unstable ReLU input (BaBSR-style score).
+
+    Returns (the parents repeated twice, a mask of parents that had a neuron to split (D,),
+    the children's splits)."""
+    w = _unproved_rows(doms)
+    scores, sizes = [], []
+    for p in net.pre:
+        b = doms.bounds[p]
+        l, u = b.lower.flatten(1), b.upper.flatten(1)
+        free = (l < 0) & (u > 0) & (doms.splits[p].flatten(1) == 0)
+        A = doms.coeffs.get(net.act[p])
+        if A is None:
+            A = torch.zeros(doms.size, w.shape[1], l.shape[1], dtype=l.dtype, device=l.device)
+        A = A.flatten(2)
+        if A.shape[0] == 1:
+            A = A.expand(doms.size, *A.shape[1:])
+        width = torch.where(free, u - l, torch.ones_like(u))
+        intercept = torch.where(free, -l * u / width, torch.zeros_like(u))
+        neg = (A.clamp(max=0).abs() * w[:, :, None]).sum(1)
+        mag = (A.abs() * w[:, :, None]).sum(1)
+        s = neg * intercept + 1e-4 * mag * torch.minimum(u, -l).clamp(min=0) + 1e-12 * width
+        scores.append(torch.where(free, s, torch.full_like(s, -math.inf)))
+        sizes.append(l.shape[1])
+    flat = torch.cat(scores, 1)
+    best, arg = flat.max(1)
+    ok = torch.isfinite(best)
+    offsets = torch.tensor([0] + sizes, device=arg.device).cumsum(0)
+    layer = torch.bucketize(arg, offsets[1:], right=True)
+    neuron = arg - offsets[layer]
+    D = doms.size
+    parents = torch.arange(D, device=arg.device).repeat_interleave(2)
+    sign = torch.tensor([1, -1], dtype=torch.int8, device=arg.device).repeat(D)
+    kids = doms.select(parents)
+    splits = {}
+    for k, p in enumerate(net.pre):
+        s = kids.splits[p].flatten(1).clone()
+        sel = ((layer[parents] == k) & ok[parents]).nonzero().flatten()
+        s[sel, neuron[parents][sel]] = sign[sel]
+        splits[p] = s.view(kids.splits[p].shape)
+    return kids, ok, splits
+
+
+def branch_input(doms: Domains, net: _Net) -> Box:
+    """Children boxes (2D, *in): each box bisected along its most influential coordinate."""
+    w = _unproved_rows(doms)
+    lo, hi = doms.box.lower.flatten(1), doms.box.upper.flatten(1)
+    A = doms.coeffs.get(net.input)
+    r = (hi - lo) / 2
+    if A is None:
+        score = r
+    else:
+        A = A.flatten(2)
+        score = (A.abs() * w[:, :, None]).sum(1) * r + 1e-9 * r
+    d = score.argmax(1)
+    mid = (lo + hi).gather(1, d[:, None]) / 2
+    lo2, hi2 = lo.repeat_interleave(2, 0), hi.repeat_interleave(2, 0)
+    d2, mid2 = d.repeat_interleave(2), mid.repeat_interleave(2, 0)
+    rows = torch.arange(2 * lo.shape[0], device=lo.device)
+    left = rows % 2 == 0
+    hi2[rows[left], d2[left]] = mid2[left, 0]
+    lo2[rows[~left], d2[~left]] = mid2[~left, 0]
+    shape = doms.box.lower.shape
+    return Box(lo2.view(-1, *shape[1:]), hi2.view(-1, *shape[1:]))
+
+
+def search_counterexample(problem: Problem, i: int, net: _Net, doms: Domains, steps: int) -> Tensor | None:
+    """A point of example ``i``'s box with a float64 property value <= 0, tried from each
+    domain's bound minimiser (then ``steps`` projected sign-gradient steps inside its box)."""
+    A = doms.coeffs.get(net.input)
+    lo, hi = doms.box.lower.to(torch.float64), doms.box.upper.to(torch.float64)
+    if A is None:
+        x = (lo + hi) / 2
+    else:
+        A = A.expand(doms.size, *A.shape[1:]) if A.shape[0] == 1 else A
+        worst = doms.rows.argmin(1)
+        a = A[torch.arange(doms.size), worst].view_as(lo)
+        x = torch.where(a > 0, lo, hi)
+    idx = torch.full((x.shape[0],), i, dtype=torch.long)
+    step = (hi - lo) / 8
+    graph = net.graph
+    for t in range(steps + 1):
+        with torch.no_grad():
+            v = problem.values(float64_forward(problem, x), idx).amin(dim=1)
+        k = int(v.argmin())
+        if float(v[k]) <= 0:
+            return x[k].detach()
+        if t == steps:
+            break
+        xg = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            val = problem.values(graph.forward(xg)[graph.output].flatten(1), idx).amin(dim=1)
+            (g,) = torch.autograd.grad(val.sum(), xg)
+        x = torch.minimum(torch.maximum(x - step * g.sign(), lo), hi).detach()
+    return None
+
+
+def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
+                     options: BabOptions = BabOptions()) -> BabResult:
+    """Decide example ``i`` of ``problem`` by branch and bound (see the module doc)."""
+    net = _Net(problem)
+    box = problem.box[i : i + 1].to(torch.float64)
+    input_mode = box.lower[0].numel() <= options.input_split_dims or not net.relu_only or not net.pre
+    warm = None
+    if "alpha" in problem.scratch:  # slopes of an earlier alpha-CROWN stage
+        ids, state = problem.scratch["alpha"]
+        pos = (ids == i).nonzero().flatten()
+        if pos.numel() == 1:
+            warm = state.select(pos)
+    t0 = time.perf_counter()
+    try:
+        root = bound_domains(problem, i, net, box, {}, {}, warm, options.root_iters, deadline)
+    except DeadlineExceeded:
+        return BabResult(None, -math.inf, timed_out=True, message="bab: out of time at the root")
+    if not input_mode:
+        root.splits = {p: torch.zeros((1, *net.graph.nodes[_idx(net, p)].shape), dtype=torch.int8)
+                       for p in net.pre}
+    proven = math.inf  # smallest bound among proved leaves
+    count = 1
+    history: list[tuple[float, int]] = []
+    queue = root
+    if float(root.lb[0]) > 0:
+        return BabResult(Verdict.VERIFIED, float(root.lb[0]), domains=1)
+    x = search_counterexample(problem, i, net, root, options.attack_steps)
+    if x is not None:
+        return BabResult(Verdict.FALSIFIED, float(root.lb[0]), x, 1)
+    stuck = None
+    while queue.size:
+        if time.perf_counter() > deadline:
+            return BabResult(None, float(queue.lb.min()), domains=count, timed_out=True, history=history,
+                             message=f"bab: out of time with {queue.size} open domains")
+        order = torch.argsort(queue.lb)
+        take, rest = order[: options.batch], order[options.batch :]
+        parents, others = queue.select(take), queue.select(rest)
+        try:
+            if input_mode:
+                kids_box = branch_input(parents, net)
+                src = torch.arange(parents.size).repeat_interleave(2)
+                alpha = parents.alpha.select(src) if parents.alpha is not None else None
+                kids = bound_domains(problem, i, net, kids_box, {}, {}, alpha, options.iters, deadline)
+            else:
+                rep, ok, splits = branch_relu(parents, net)
+                if not bool(ok.all()):  # every unstable ReLU of these domains is split already
+                    stuck = parents.select((~ok).nonzero().flatten())
+                    keep = ok.repeat_interleave(2).nonzero().flatten()
+                    rep, splits = rep.select(keep), {k: v[keep] for k, v in splits.items()}
+                    if rep.size == 0:
+                        break
+                kids = bound_domains(problem, i, net, rep.box, splits, rep.bounds, rep.alpha, options.iters,
+                                     deadline)
+        except DeadlineExceeded:
+            return BabResult(None, float(queue.lb.min()), domains=count, timed_out=True, history=history,
+                             message=f"bab: out of time with {queue.size} open domains")
+        count += kids.size
+        done = kids.lb > 0
+        if bool(done.any()):
+            proven = min(proven, float(kids.lb[done].min()))
+        open_kids = kids.select((~done).nonzero().flatten())
+        if open_kids.size:
+            x = search_counterexample(problem, i, net, open_kids, options.attack_steps)
+            if x is not None:
+                return BabResult(Verdict.FALSIFIED, float(queue.lb.min()), x, count, history=history)
+        queue = Domains.cat([others, open_kids]) if (others.size or open_kids.size) else open_kids
+        history.append((time.perf_counter() - t0, queue.size))
+        if stuck is not None:
+            break
+        if queue.size and queue.nbytes() > options.max_bytes:
+            return BabResult(None, float(queue.lb.min()), domains=count, history=history,
+                             message=f"bab: the domain queue ({queue.size} domains, "
+                                     f"{queue.nbytes() / 2**20:.0f} MiB) passed its memory bound "
+                                     f"({options.max_bytes / 2**20:.0f} MiB); undecided")
+    if stuck is not None:
+        low = min(float(stuck.lb.min()), float(queue.lb.min()) if queue.size else math.inf)
+        return BabResult(None, low, domains=count, history=history,
+                         message="bab: a domain with every unstable ReLU split is still unproved; undecided")
+    return BabResult(Verdict.VERIFIED, proven, domains=count, history=history)
+
+
+def _idx(net: _Net, name: str) -> int:
+    return next(n.index for n in net.graph.nodes if n.name == name)
+
+
+class BabStage(Stage):
+    """Branch and bound, one example at a time (``bab``)."""
+
+    name = "bab"
+    batched = False
+
+    def __init__(self, options: BabOptions = BabOptions()):
+        self.options = options
+
+    def run(self, problem, idx, budget):
+        verdicts, lower, cex, secs, tout, msgs = [], [], {}, [], [], {}
+        for pos, i in enumerate(idx.tolist()):
+            t0 = time.perf_counter()
+            r = branch_and_bound(problem, i, t0 + float(budget[pos]), self.options)
+            verdicts.append(r.verdict)
+            lower.append(r.lower if r.verdict == Verdict.VERIFIED or not math.isfinite(r.lower) else min(r.lower, 0.0))
+            if r.counterexample is not None:
+                cex[pos] = r.counterexample
+            msgs[pos] = r.message or f"bab: {r.domains} domains"
+            secs.append(time.perf_counter() - t0)
+            tout.append(r.timed_out)
+        return StageOutput(verdicts, torch.tensor(lower, dtype=torch.float64), cex, secs, tout, msgs)
+
+
+__all__ = ["BabOptions", "BabResult", "BabStage", "Domains", "branch_and_bound", "bound_domains"]

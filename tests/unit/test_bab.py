@@ -1,0 +1,246 @@
+"""Branch and bound: split-constrained bounds are sound, beta tightens them, and the ``bab``
+stage's verdicts equal MILP's and brute force's on random tiny nets."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import certorch as ct
+from certorch.errors import CertorchError
+from certorch.graph.capture import capture
+from certorch.verify import Verdict, certify_batch
+from certorch.verify.bab import BabOptions, BabStage, branch_and_bound
+from certorch.verify.pipeline import build_stages
+from certorch.verify.stages import Problem
+from certorch.spec import linf_ball, margin_matrix
+from tests.soundness.test_bounds_hypothesis import _dense
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _net(seed: int, widths=(4, 16, 16, 3)) -> nn.Module:
+    torch.manual_seed(seed)
+    return _dense(list(widths)).double().eval()
+
+
+def _pre_nodes(model, in_shape) -> list[str]:
+    g = capture(model, in_shape)
+    return [g.nodes[a.inputs[0]].name for a in g.activation_nodes()]
+
+
+def _random_splits(model, x, eps, seed: int, k: int) -> dict[str, torch.Tensor]:
+    """Signs on ``k`` random neurons of every pre-activation node (unstable or not)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in ((n, capture(model, tuple(x.shape[1:])).nodes) for n in _pre_nodes(model, tuple(x.shape[1:]))):
+        node = next(m for m in shape if m.name == name)
+        s = torch.zeros(x.shape[0], node.numel, dtype=torch.int8)
+        idx = torch.randperm(node.numel, generator=g)[:k]
+        s[:, idx] = (torch.randint(0, 2, (x.shape[0], k), generator=g) * 2 - 1).to(torch.int8)
+        out[name] = s.view(x.shape[0], *node.shape)
+    return out
+
+
+def _satisfying_points(model, x, eps, splits, n: int, seed: int):
+    """Samples of the box (with corners) that satisfy every split constraint, and their outputs."""
+    g = torch.Generator().manual_seed(seed)
+    box = linf_ball(x, eps, 0.0, 1.0)
+    pts = box.lower + (box.upper - box.lower) * torch.rand(n, *x.shape[1:], generator=g, dtype=x.dtype)
+    corners = torch.where(torch.rand(n, *x.shape[1:], generator=g) < 0.5, box.lower, box.upper)
+    pts = torch.cat([pts, corners])
+    graph = capture(model, tuple(x.shape[1:]))
+    vals = graph.forward(pts)
+    keep = torch.ones(pts.shape[0], dtype=torch.bool)
+    names = {nd.name: nd.index for nd in graph.nodes}
+    for name, s in splits.items():
+        z = vals[names[name]].flatten(1)
+        s = s[0].flatten().to(z.dtype)
+        keep &= ((z * s) >= 0).all(1)
+    return vals[graph.output][keep]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 4), method=st.sampled_from(["crown", "alpha-crown", "ibp"]))
+def test_split_bounds_hold_on_every_point_of_the_subdomain(seed, k, method):
+    model = _net(seed % 7)
+    x = torch.rand(1, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    eps = 0.3
+    splits = _random_splits(model, x, eps, seed, k)
+    C = torch.eye(3, dtype=torch.float64)
+    res = ct.bound(model, x, eps, method=method, C=C, splits=splits, dtype=torch.float64,
+                   **({"alpha_iters": 10} if method == "alpha-crown" else {}))
+    out = _satisfying_points(model, x, eps, splits, 20_000, seed)
+    if out.shape[0] == 0:
+        return  # (nearly) empty sub-domain: nothing to check
+    assert (out.min(0).values >= res.lower[0] - 1e-9).all()
+    assert (out.max(0).values <= res.upper[0] + 1e-9).all()
+
+
+def test_split_multipliers_tighten_the_bound():
+    """beta-CROWN: with a split z_j <= 0 the multiplier carries the constraint into the bound;
+    clamping the neuron alone (CROWN with splits) is looser here (seed and neuron fixed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    x = torch.rand(1, 4, dtype=torch.float64)
+    root = ct.bound(model, x, 0.3, method="alpha-crown", return_intermediate=True, upper=False)
+    b = root.intermediate["0"]
+    j = int(((b.lower < 0) & (b.upper > 0)).nonzero()[0, 1])
+    s = torch.zeros(1, 16)
+    s[0, j] = -1
+    with torch.no_grad():
+        crown = ct.bound(model, x, 0.3, method="crown", splits={"0": s}, upper=False)
+    beta = ct.bound(model, x, 0.3, method="alpha-crown", splits={"0": s}, upper=False)
+    assert (beta.lower >= crown.lower - 1e-12).all()
+    assert float((beta.lower - crown.lower).max()) > 0.01
+    out = _satisfying_points(model, x, 0.3, {"0": s}, 50_000, 0)
+    assert (out.min(0).values >= beta.lower[0] - 1e-9).all()
+
+
+def test_contradicting_splits_give_an_empty_domain_that_bab_drops():
+    model = _net(1)
+    x = torch.full((1, 4), 0.5, dtype=torch.float64)
+    res = ct.bound(model, x, 0.0, method="ibp", return_intermediate=True)
+    z = res.intermediate["1"].lower  # exact (eps 0): the sign of every first-layer neuron
+    s = torch.where(z > 0, -1, 1).to(torch.int8)  # every split contradicts the point
+    out = ct.bound(model, x, 0.0, method="crown", splits={"1": s}, return_intermediate=True)
+    box = out.intermediate["1"]
+    assert bool((box.lower > box.upper).any())
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"nope": torch.zeros(1, 16)}, "does not have"),
+    ({"1": torch.zeros(1, 5)}, "must have shape"),
+    ({"1": torch.full((1, 16), 2)}, "only -1, 0 and"),
+])
+def test_bad_splits_are_refused_with_one_line(bad, match):
+    model = _net(0)
+    x = torch.rand(1, 4, dtype=torch.float64)
+    with pytest.raises(CertorchError, match=match):
+        ct.bound(model, x, 0.1, method="crown", splits=bad)
+
+
+def _problem(model, x, y, eps) -> Problem:
+    box = linf_ball(x, eps, 0.0, 1.0)
+    K = 3
+    C = margin_matrix(y, K).to(torch.float64)
+    d = torch.zeros(C.shape[:2], dtype=torch.float64)
+    return Problem(model, box, C, d, tuple((r,) for r in range(K - 1)), x=x, y=y, eps=eps)
+
+
+def _brute_force_min(model, x, eps, y, n=200) -> float:
+    """Smallest margin on an n x n grid of a 2-D input box (includes the corners)."""
+    box = linf_ball(x, eps, 0.0, 1.0)
+    a = torch.linspace(0, 1, n, dtype=torch.float64)
+    g0, g1 = torch.meshgrid(a, a, indexing="ij")
+    t = torch.stack([g0.flatten(), g1.flatten()], 1)
+    pts = box.lower + (box.upper - box.lower) * t
+    with torch.no_grad():
+        out = model(pts)
+    C = margin_matrix(y, 3)[0].to(torch.float64)
+    return float((out @ C.T).min())
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000))
+def test_bab_on_a_2d_input_agrees_with_brute_force(seed):
+    """Input splitting (2 inputs): verified only when the grid's minimum margin is positive,
+    falsified only with a point whose margin is <= 0."""
+    model = _net(seed % 11, (2, 12, 12, 3))
+    x = torch.rand(1, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 0.05 + 0.2 * (seed % 5) / 4
+    r = branch_and_bound(_problem(model, x, y, eps), 0, math.inf, BabOptions(batch=16, iters=5, root_iters=5))
+    grid = _brute_force_min(model, x, eps, y)
+    assert r.verdict is not None, r.message
+    if r.verdict == Verdict.VERIFIED:
+        assert grid > 0 and 0 < r.lower <= grid + 1e-9
+    else:
+        with torch.no_grad():
+            v = model(r.counterexample[None]) @ margin_matrix(y, 3)[0].to(torch.float64).T
+        assert float(v.min()) <= 0
+        assert not grid > 1e-3  # the grid may miss a thin violating region, never a wide one
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3]))
+def test_bab_relu_splitting_equals_milp_on_random_tiny_nets(seed, eps):
+    """ReLU splitting (20 inputs: no input splitting): the same verdict as the complete MILP."""
+    model = _net(seed % 13, (20, 24, 16, 3))
+    x = torch.rand(2, 20, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    bab = certify_batch(model, x, y, eps, stages="bab", timeout=60)
+    milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
+    g = torch.Generator().manual_seed(seed)
+    for k, (a, b) in enumerate(zip(bab, milp)):
+        assert a.verdict in (Verdict.VERIFIED, Verdict.FALSIFIED), a.message
+        assert a.verdict == b.verdict
+        if a.verdict == Verdict.VERIFIED:  # never above a sampled margin
+            box = linf_ball(x[k : k + 1], eps, 0.0, 1.0)
+            pts = box.lower + (box.upper - box.lower) * torch.rand(20_000, 20, generator=g, dtype=torch.float64)
+            with torch.no_grad():
+                m = model(pts) @ margin_matrix(y[k : k + 1], 3)[0].to(torch.float64).T
+            assert a.margin_lb <= float(m.min()) + 1e-9
+
+
+def test_bab_splits_relus_and_bounds_children_in_one_call_per_step(monkeypatch):
+    import certorch.verify.bab as bab
+
+    calls = []
+    real = bab.bound_domains
+
+    def counting(problem, i, net, box, *a, **k):
+        calls.append(box.lower.shape[0])
+        return real(problem, i, net, box, *a, **k)
+
+    monkeypatch.setattr(bab, "bound_domains", counting)
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    r = branch_and_bound(_problem(model, x, y, 0.25), 0, math.inf, BabOptions(batch=8, iters=4))
+    assert r.verdict == Verdict.VERIFIED
+    assert r.domains == sum(calls) and len(calls) >= 2, (r, calls)
+    assert max(calls[1:]) > 2  # several parents' children in one batched call
+    assert all(c % 2 == 0 for c in calls[1:])
+
+
+def test_bab_stops_at_its_memory_bound_with_a_message():
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    r = branch_and_bound(_problem(model, x, y, 0.25), 0, math.inf, BabOptions(batch=2, iters=2, max_bytes=1))
+    assert r.verdict is None and "memory bound" in r.message
+
+
+def test_bab_respects_its_deadline():
+    model = _net(3, (20, 64, 64, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    import time
+
+    t0 = time.perf_counter()
+    r = branch_and_bound(_problem(model, x, y, 0.5), 0, t0 + 0.5, BabOptions(batch=4, iters=2))
+    assert time.perf_counter() - t0 < 3.0
+    assert r.verdict in (None, Verdict.FALSIFIED)  # 0.5 s is not enough to prove a 0.5 ball
+
+
+def test_bab_is_a_pipeline_stage():
+    stages = build_stages("pgd,crown,alpha-crown,bab")
+    assert [s.name for s in stages] == ["clean", "pgd", "crown", "alpha-crown", "bab"]
+    assert isinstance(stages[-1], BabStage)
