@@ -8,9 +8,9 @@ Two ways to split, chosen per network:
   constraints in the bound (``ct.bound(..., splits=)``): the split neurons' bounds are clamped
   (their relaxation becomes exact) and one Lagrange multiplier per (spec row, split neuron) is
   optimised with the slopes (beta-CROWN, Wang et al. 2021), which carries each constraint into
-  the whole bound. Intermediate bounds are the root's, clamped by the splits
-  (``intermediate_bounds=``): valid on every sub-domain, and the multipliers make up for not
-  recomputing them. Slopes and multipliers of a parent warm-start its children.
+  the whole bound. Intermediate bounds are those of the earlier bound stages (alpha-CROWN's
+  if it ran, else CROWN's), clamped by the splits (``intermediate_bounds=``): valid on every
+  sub-domain, and the multipliers make up for not recomputing them. Slopes and multipliers of a parent warm-start its children.
 * **Input splitting** when the input has few elements (``input_split_dims``, e.g. ACAS Xu's 5):
   the input box is bisected along the coordinate whose width moves the bound most
   (``|coefficient| x radius`` of the unproved rows), and each half is bounded from scratch.
@@ -50,7 +50,7 @@ from certorch.domains.box import Box
 from certorch.errors import DeadlineExceeded
 from certorch.graph.capture import capture
 from certorch.verify.results import Verdict
-from certorch.verify.stages import Problem, Stage, StageOutput, float64_forward
+from certorch.verify.stages import Problem, Stage, StageOutput, crown_intermediate, float64_forward
 
 #: ReLU kinds whose inputs may be split (their relaxation is exact once the sign is fixed)
 SPLITTABLE = ("relu",)
@@ -293,7 +293,8 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
             warm = state.select(pos)
     t0 = time.perf_counter()
     try:
-        root = bound_domains(problem, i, net, box, {}, {}, warm, options.root_iters, deadline)
+        given = {} if input_mode else _known_bounds(problem, i, net, deadline)
+        root = bound_domains(problem, i, net, box, {}, given, warm, options.root_iters, deadline)
     except DeadlineExceeded:
         return BabResult(None, -math.inf, timed_out=True, message="bab: out of time at the root")
     if not input_mode:
@@ -358,6 +359,13 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
         return BabResult(None, low, domains=count, history=history,
                          message="bab: a domain with every unstable ReLU split is still unproved; undecided")
     return BabResult(Verdict.VERIFIED, proven, domains=count, history=history)
+
+
+def _known_bounds(problem: Problem, i: int, net: _Net, deadline: float) -> dict[str, Box]:
+    """Pre-activation bounds of example ``i`` from the earlier bound stages (alpha-CROWN's when
+    it ran, else CROWN's, computed now if no stage did): the root then optimises only the spec
+    rows' slopes, so the search fits in memory wherever CROWN does."""
+    return {k: v for k, v in crown_intermediate(problem, torch.tensor([i]), deadline).items() if k in net.pre}
 
 
 def _idx(net: _Net, name: str) -> int:

@@ -4,7 +4,7 @@ first decisive stage.
 Public API::
 
     from certorch.verify import verify_box, certify_batch, Verdict
-    r = verify_box(model, box, C, stages=("pgd", "crown", "lp", "milp"), timeout=60)   # one example
+    r = verify_box(model, box, C, stages=("pgd", "crown", "alpha-crown", "bab"), timeout=60)   # one example
     rs = certify_batch(model, x, y, eps=0.1, stages=DEFAULT_STAGES, timeout=60)      # list[VerificationResult]
 
 Stage names: ``clean`` (always first: misclassified -> NOT_VERIFIED), ``pgd``/``cw`` (attack ->
@@ -38,7 +38,7 @@ from certorch.verify.results import Verdict, VerificationResult
 from certorch.verify.stages import (AlphaCrownStage, AttackStage, BoundStage, CleanStage, LinfDistStage, Problem,
                                     Stage, StageOutput, float64_forward)
 
-DEFAULT_STAGES = ("pgd", "ibp", "crown", "lp", "milp")
+DEFAULT_STAGES = ("pgd", "ibp", "crown", "alpha-crown", "bab", "milp")
 REFINE_BINARIES = 50
 _BOUND_METHODS = ("ibp", "zonotope", "symbolic", "crown", "crown-ibp", "dual", "alpha-crown")
 _COMPLETE_ONLY = ("lp", "refine", "milp", "bab")

@@ -206,9 +206,26 @@ class AlphaCrownStage(BoundStage):
     def __init__(self, iters: int | None = None, lr: float | None = None):
         super().__init__("alpha-crown")
         self.iters, self.lr = iters, lr
+        self._given: dict[str, Box] | None = None
+
+    def run_until(self, problem, idx, deadline):
+        """When optimising every intermediate bound's slopes does not fit the memory budget
+        (deep residual nets), optimise the spec rows' slopes only, on CROWN's intermediate
+        bounds (computed by the ``crown`` stage, or now)."""
+        from certorch.errors import MemoryBudgetError
+
+        self._given = None
+        try:
+            return super().run_until(problem, idx, deadline)
+        except MemoryBudgetError:
+            self._given = crown_intermediate(problem, idx, deadline)
+            return super().run_until(problem, idx, deadline)
 
     def bound_options(self, problem, idx):
-        return {"upper": False, "alpha_iters": self.iters, "alpha_lr": self.lr}
+        opts = {"upper": False, "alpha_iters": self.iters, "alpha_lr": self.lr}
+        if self._given is not None:
+            opts["intermediate_bounds"] = self._given
+        return opts
 
     def after_bound(self, problem, idx, res):
         if "alpha" in res.extra:
@@ -230,6 +247,22 @@ def cache_node_bounds(problem: Problem, idx: Tensor, intermediate: dict[str, Box
             for k, b in intermediate.items() if k in names}
     for pos, i in enumerate(idx.tolist()):
         store[i] = {k: (l[pos].copy(), u[pos].copy()) for k, (l, u) in flat.items()}
+
+
+def crown_intermediate(problem: Problem, idx: Tensor, deadline: float = math.inf) -> dict[str, Box]:
+    """``{name: Box (n, *shape)}`` cached per-node bounds of every activation input, for examples ``idx``."""
+    from certorch.graph.capture import capture
+
+    graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
+    per = [node_bounds(problem, i, deadline) for i in idx.tolist()]
+    out = {}
+    for a in graph.activation_nodes():
+        node = graph.nodes[a.inputs[0]]
+        if all(node.index in b for b in per):
+            lo = torch.stack([torch.from_numpy(b[node.index][0]) for b in per]).view(-1, *node.shape)
+            hi = torch.stack([torch.from_numpy(b[node.index][1]) for b in per]).view(-1, *node.shape)
+            out[node.name] = Box(lo, hi)
+    return out
 
 
 def node_bounds(problem: Problem, i: int, deadline: float = math.inf) -> dict[int, tuple[np.ndarray, np.ndarray]]:
