@@ -178,6 +178,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         if n.op == "get_attr":
             raise UnsupportedOperationError(f"parameters used outside supported layers are not supported ({n.target})")
         tensor_args = [a for a in n.args if isinstance(a, torch.fx.Node)]
+        tensor_args += [b for a in n.args if isinstance(a, (list, tuple)) for b in a if isinstance(b, torch.fx.Node)]
         tensor_args += [a for a in n.kwargs.values() if isinstance(a, torch.fx.Node)]
         in_shapes = [shape_of(a) for a in tensor_args]
         out_shape = shape_of(n)

@@ -18,6 +18,7 @@ from certorch.ops.maps import (
     ReshapeMap,
     ScaleShiftMap,
     SumMap,
+    ConcatMap,
 )
 from certorch.ops.registry import register_function_op, register_module_op
 
@@ -136,6 +137,16 @@ class AddOp(AffineOp):
         return SumMap(self.n)
 
 
+class ConcatOp(AffineOp):
+    kind = "concat"
+
+    def __init__(self, dim: int, sizes: tuple[int, ...]):
+        self.dim, self.sizes = dim, sizes
+
+    def affine(self, dtype, values=None) -> AffineMap:
+        return ConcatMap(self.dim, self.sizes)
+
+
 class IdentityOp(AffineOp):
     kind = "identity"
 
@@ -167,6 +178,17 @@ def _add(ins, out, args, kwargs):
     if len(ins) != 2 or tuple(ins[0]) != tuple(ins[1]) or kwargs.get("alpha", 1) != 1:
         raise UnsupportedOperationError("add is supported between two tensors of the same shape only")
     return AddOp(2)
+
+
+@register_function_op(torch.cat, torch.concat, "cat")
+def _concat(ins, out, args, kwargs):
+    """torch.cat of tensors along a per-example dimension (the batch dimension stays first)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    nd = len(out) + 1
+    dim = dim + nd if dim < 0 else dim
+    if dim == 0 or not 0 < dim < nd:
+        raise UnsupportedOperationError("cat is supported along a per-example dimension only (not the batch)")
+    return ConcatOp(dim - 1, tuple(int(s[dim - 1]) for s in ins))
 
 
 def avg_pool_fn(kernel, stride, padding):  # used by tests of the generic map

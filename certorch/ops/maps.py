@@ -225,6 +225,33 @@ class SumMap(AffineMap):
 
 
 @dataclass
+class ConcatMap(AffineMap):
+    """Concatenation of the inputs along per-example dimension ``dim`` (ONNX Concat, torch.cat):
+    a 0/1 map, so every bound method is exact through it. ``sizes``: each input's extent along
+    ``dim``."""
+
+    dim: int
+    sizes: tuple[int, ...]
+    monotone = True
+
+    @property
+    def num_inputs(self) -> int:  # type: ignore[override]
+        return len(self.sizes)
+
+    def apply(self, *xs: Tensor) -> Tensor:
+        return torch.cat(xs, dim=self.dim + 1)
+
+    def apply_signed(self, pos, neg) -> Tensor:
+        return self.apply(*pos)
+
+    def apply_abs(self, *xs: Tensor) -> Tensor:
+        return self.apply(*xs)
+
+    def transpose(self, A: Tensor) -> list[Tensor]:
+        return list(torch.split(A, list(self.sizes), dim=self.dim + 1))
+
+
+@dataclass
 class NonNegativeLinearMap(AffineMap):
     """A linear map with non-negative coefficients given as a function (e.g. AvgPool2d).
 

@@ -76,7 +76,7 @@ class OnnxNetwork(nn.Module):
     """An imported ONNX graph: named submodules in ``layers`` evaluated in topological order.
 
     ``plan`` is a list of steps ``(out_name, key, in_names)``; ``key`` names a module in
-    ``layers`` or is ``"+"`` (sum of two same-shape tensors). Plain Python control flow over a
+    ``layers`` or is ``"+"`` (sum of two same-shape tensors) or ``"concat:<axis>"``. Plain Python control flow over a
     constant plan, so ``torch.fx`` (certorch's graph capture) traces it into a flat graph.
     Input (B, *input_shape) -> output (B, *output_shape).
     """
@@ -93,6 +93,8 @@ class OnnxNetwork(nn.Module):
         for out, key, ins in self.plan:
             if key == "+":
                 env[out] = env[ins[0]] + env[ins[1]]
+            elif key.startswith("concat:"):  # concatenation along a per-example axis
+                env[out] = torch.cat([env[i] for i in ins], dim=int(key[7:]))
             else:
                 env[out] = self.layers[key](env[ins[0]])
         return env[self.output_name]

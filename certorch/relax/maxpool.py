@@ -10,7 +10,8 @@ For an output ``o = max_{k in window} x_k`` with input bounds ``l, u`` (DeepPoly
 * upper: ``o <= x_{k*}`` when ``k*`` dominates (``l_{k*} >= u_j`` for every other ``j``: then
   ``o == x_{k*}``), else the constant ``max_j u_j``.
 
-Windows must not overlap padding (``padding=0``) and use ``dilation=1``; ``ceil_mode`` is refused.
+Padding (at most half the kernel, as torch allows) counts as -inf: it never wins a max, so a
+window's bounds come from its real inputs only. ``dilation`` must be 1; ``ceil_mode`` is refused.
 Forward zonotope / symbolic transformers and LP / MILP constraints are not provided yet.
 """
 from __future__ import annotations
@@ -30,11 +31,22 @@ def make(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> Si
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     k = pair(kernel_size)
     s = pair(stride if stride is not None else kernel_size)
-    if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode:
-        raise UnsupportedOperationError("MaxPool2d bounds support padding=0, dilation=1 and ceil_mode=False only")
+    p = pair(padding)
+    if pair(dilation) != (1, 1) or ceil_mode:
+        raise UnsupportedOperationError("MaxPool2d bounds support dilation=1 and ceil_mode=False only")
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise UnsupportedOperationError(f"MaxPool2d padding {p} must be at most half the kernel {k}")
+    pad4 = (p[1], p[1], p[0], p[0])
 
     def fn(x: Tensor) -> Tensor:
-        return F.max_pool2d(x, k, s)
+        return F.max_pool2d(x, k, s, p)
+
+    def _windows(t: Tensor, fill: float) -> Tensor:
+        """(B*C, K, n_out) window entries of a (B*C, 1, H, W) map padded with ``fill`` (-inf:
+        the padding never wins a max, as in max pooling)."""
+        if any(p):
+            t = F.pad(t, pad4, value=fill)
+        return F.unfold(t, k, stride=s)
 
     def interval(box: Box) -> Box:
         return Box(fn(box.lower), fn(box.upper))
@@ -43,10 +55,10 @@ def make(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> Si
         """(k* (B, C, n_out) flat input positions of the largest lower bound, dominates (B, C, n_out)
         bool, max upper bound (B, C, n_out)), for inputs l, u (B, C, H, W)."""
         B, C, H, W = l.shape
-        _, idx = F.max_pool2d(l, k, s, return_indices=True)
+        _, idx = F.max_pool2d(l, k, s, p, return_indices=True)  # flat positions in the unpadded map
         idx = idx.flatten(2)
-        u_win = F.unfold(u.reshape(B * C, 1, H, W), k, stride=s)  # (B*C, K, n_out) window entries
-        pos = F.unfold(torch.arange(H * W, device=l.device, dtype=l.dtype).view(1, 1, H, W), k, stride=s)  # (1, K, n_out)
+        u_win = _windows(u.reshape(B * C, 1, H, W), float("-inf"))  # (B*C, K, n_out) window entries
+        pos = _windows(torch.arange(H * W, device=l.device, dtype=l.dtype).view(1, 1, H, W), -1.0)  # (1, K, n_out)
         is_star = pos.round().long() == idx.reshape(B * C, 1, -1)  # (B*C, K, n_out)
         others = u_win.masked_fill(is_star, float("-inf")).amax(1).view(B, C, -1)
         l_star = l.flatten(2).gather(2, idx)

@@ -45,7 +45,7 @@ SUPPORTED_OPS = frozenset(
     {
         "Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "Add", "Sub", "Div", "Mul",
         "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout", "Transpose", "Pad",
-        "Sigmoid", "Tanh", "LeakyRelu", "MaxPool",
+        "Sigmoid", "Tanh", "LeakyRelu", "MaxPool", "Concat",
     }
 )
 #: ONNX element types the importer accepts for the network (onnx.TensorProto.FLOAT, DOUBLE).
@@ -486,6 +486,30 @@ class _Converter:
         self.plan.append((node.output[0], "+", (a, b)))
         self.shapes[node.output[0]] = self.shapes[a]
 
+    def _op_Concat(self, node, at) -> None:
+        axis = int(at.get("axis", 1))
+        if self._fold(node, lambda *cs: np.concatenate(cs, axis=axis)):
+            return
+        names = [self._name(i) for i in node.input if i]
+        for n in names:
+            if n not in self.consts and n not in self.shapes:
+                raise self._err(node, f"input {n!r} is not produced by any earlier node")
+        if any(n in self.consts for n in names):
+            raise self._err(node, "Concat of a tensor with a constant is not supported (tensors only)")
+        shapes = [self.shapes[n] for n in names]
+        nd = len(shapes[0]) + 1
+        axis = axis + nd if axis < 0 else axis
+        if not 0 < axis < nd:
+            raise self._err(node, f"axis={at.get('axis', 1)} must be a per-example axis (not the batch axis)")
+        rest = [tuple(sh[:axis - 1]) + tuple(sh[axis:]) for sh in shapes]
+        if any(len(sh) != nd - 1 for sh in shapes) or len(set(rest)) != 1:
+            raise self._err(node, f"inputs of shapes {shapes} differ off the concatenation axis {axis}")
+        out = list(shapes[0])
+        out[axis - 1] = sum(sh[axis - 1] for sh in shapes)
+        self._check_size(node, tuple(out))
+        self.plan.append((node.output[0], f"concat:{axis}", tuple(names)))
+        self.shapes[node.output[0]] = tuple(out)
+
     def _op_Add(self, node, at) -> None:
         self._binary(node, "Add")
 
@@ -603,9 +627,12 @@ class _Converter:
             raise self._err(node, f"only 2-d MaxPool is supported, got kernel_shape={list(k)}")
         if len(node.output) > 1 and node.output[1] and self.uses[node.output[1]]:
             raise self._err(node, "the MaxPool indices output is used; only the values are supported")
-        if tuple(at.get("dilations", (1, 1))) != (1, 1) or at.get("ceil_mode", 0) or any(self._conv_pads(node, at, 2)):
-            raise self._err(node, "MaxPool bounds support pads 0, dilations 1 and ceil_mode 0 only")
-        self._add_layer(node, nn.MaxPool2d(k, stride=tuple(at.get("strides", (1, 1)))), x)
+        if tuple(at.get("dilations", (1, 1))) != (1, 1) or at.get("ceil_mode", 0):
+            raise self._err(node, "MaxPool bounds support dilations 1 and ceil_mode 0 only")
+        pads = self._conv_pads(node, at, 2)
+        if pads[0] > k[0] // 2 or pads[1] > k[1] // 2:
+            raise self._err(node, f"MaxPool pads {list(pads)} must be at most half the kernel {list(k)}")
+        self._add_layer(node, nn.MaxPool2d(k, stride=tuple(at.get("strides", (1, 1))), padding=pads), x)
 
 
 # --- export ----------------------------------------------------------------------------------

@@ -150,10 +150,12 @@ def test_leaky_relu_with_a_slope_above_one_is_refused():
 
 # --- max pooling: a window op with its own backward rule ---------------------------------------
 
-POOLS = [dict(kernel_size=2), dict(kernel_size=3, stride=1), dict(kernel_size=(2, 3), stride=(2, 1))]
+POOLS = [dict(kernel_size=2), dict(kernel_size=3, stride=1), dict(kernel_size=(2, 3), stride=(2, 1)),
+         dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, stride=1, padding=1)]
+POOL_IDS = ["2x2", "3x3s1", "2x3", "3x3s2p1", "2x2s1p1"]
 
 
-@pytest.mark.parametrize("pool", POOLS, ids=["2x2", "3x3s1", "2x3"])
+@pytest.mark.parametrize("pool", POOLS, ids=POOL_IDS)
 def test_maxpool_backward_rule_lower_bounds_every_sampled_point(pool):
     from certorch.relax import maxpool
 
@@ -176,7 +178,7 @@ def test_maxpool_backward_rule_lower_bounds_every_sampled_point(pool):
 
 
 @pytest.mark.parametrize("method", POOL_METHODS)
-@pytest.mark.parametrize("pool", POOLS, ids=["2x2", "3x3s1", "2x3"])
+@pytest.mark.parametrize("pool", POOLS, ids=POOL_IDS)
 def test_bounds_through_maxpool_contain_sampled_and_pgd_points(pool, method):
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(**pool), nn.Conv2d(3, 2, 2), nn.ReLU(),
@@ -193,8 +195,8 @@ def test_bounds_through_maxpool_contain_sampled_and_pgd_points(pool, method):
     assert_within(spec_values(net, pts, C), r.lower.detach(), r.upper.detach())
 
 
-def test_maxpool_with_padding_or_ceil_mode_is_refused_in_one_line():
-    for pool in (nn.MaxPool2d(2, padding=1), nn.MaxPool2d(3, ceil_mode=True)):
+def test_maxpool_with_dilation_or_ceil_mode_is_refused_in_one_line():
+    for pool in (nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(3, ceil_mode=True)):
         net = nn.Sequential(nn.Conv2d(1, 2, 3), pool, nn.Flatten()).double()
         with pytest.raises(UnsupportedOperationError, match="MaxPool2d"):
             ct.bound(net, torch.rand(1, 1, 8, 8, dtype=torch.float64), 0.1, method="ibp")

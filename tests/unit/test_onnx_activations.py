@@ -76,9 +76,10 @@ def _pool_net(strides=(2, 2), pads=(0, 0, 0, 0), ceil_mode=0):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
-@pytest.mark.parametrize("strides", [(2, 2), (1, 1)])
-def test_maxpool_equals_onnxruntime_and_its_bounds_contain_samples(strides):
-    m = _pool_net(strides)
+@pytest.mark.parametrize("strides, pads", [((2, 2), (0, 0, 0, 0)), ((1, 1), (0, 0, 0, 0)), ((2, 2), (1, 1, 1, 1)),
+                                           ((1, 1), (1, 0, 1, 0))])
+def test_maxpool_equals_onnxruntime_and_its_bounds_contain_samples(strides, pads):
+    m = _pool_net(strides, pads)
     x = np.random.default_rng(1).random((4, 1, 6, 6)).astype(np.float32)
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     net = import_onnx(m).module
@@ -92,8 +93,8 @@ def test_maxpool_equals_onnxruntime_and_its_bounds_contain_samples(strides):
     assert_within(vals, r.lower.detach(), r.upper.detach())
 
 
-def test_maxpool_with_pads_is_a_one_line_import_error():
+def test_maxpool_with_ceil_mode_is_a_one_line_import_error():
     from certorch.errors import CertorchError
 
     with pytest.raises(CertorchError, match="MaxPool"):
-        import_onnx(_pool_net(pads=(1, 1, 1, 1)))
+        import_onnx(_pool_net(ceil_mode=1))

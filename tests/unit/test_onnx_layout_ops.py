@@ -102,3 +102,62 @@ def test_milp_verdict_through_transpose_and_pad_agrees_with_samples(eps):
 def test_unsupported_transpose_and_pad_variants_are_one_line_errors(kwargs, match):
     with pytest.raises(CertorchError, match=match):
         import_onnx(_nhwc_net(**kwargs))
+
+
+# --- Concat: two branches joined along channels ------------------------------------------------
+
+def _concat_net(axis=1):
+    """x (N, 1, 6, 6) -> Conv a (2 ch) | Conv b (3 ch) -> Concat(axis) -> Relu -> Flatten -> Gemm -> y (N, 3)."""
+    rng = np.random.default_rng(5)
+    inits = {"Wa": rng.normal(size=(2, 1, 3, 3)).astype(np.float32), "ba": rng.normal(size=2).astype(np.float32),
+             "Wb": rng.normal(size=(3, 1, 3, 3)).astype(np.float32), "bb": rng.normal(size=3).astype(np.float32),
+             "Wg": rng.normal(size=(3, 5 * 4 * 4)).astype(np.float32), "bg": rng.normal(size=3).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "Wa", "ba"], ["a"], kernel_shape=[3, 3]),
+             helper.make_node("Conv", ["x", "Wb", "bb"], ["b"], kernel_shape=[3, 3]),
+             helper.make_node("Concat", ["a", "b"], ["c"], axis=axis),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wg", "bg"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_concat_equals_onnxruntime(axis):
+    m = _concat_net(axis)
+    x = np.random.default_rng(1).random((4, 1, 6, 6)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = import_onnx(m).module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "zonotope", "symbolic", "dual", "alpha-crown"])
+def test_bounds_through_concat_contain_samples(method):
+    net = import_onnx(_concat_net()).module.double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 1, 6, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        b = ct.bound(net, x, 0.05, method=method)
+    pts = sample_box(ct.linf_ball(x, 0.05), 2000, g)
+    with torch.no_grad():
+        vals = net(pts.flatten(0, 1)).view(pts.shape[0], 2, -1)
+    assert_within(vals, b.lower, b.upper)
+
+
+def test_milp_and_bab_through_concat_agree():
+    from certorch.verify import certify_batch
+
+    net = import_onnx(_concat_net()).module.double().eval()
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    milp = certify_batch(net, x, y, 0.03, stages="milp", timeout=60)
+    bab = certify_batch(net, x, y, 0.03, stages="bab", timeout=60)
+    assert [r.verdict for r in milp] == [r.verdict for r in bab]
+
+
+def test_concat_along_the_batch_axis_is_a_one_line_error():
+    with pytest.raises(CertorchError, match="per-example axis"):
+        import_onnx(_concat_net(axis=0))
