@@ -4,6 +4,9 @@ confirmed unsat one) is a soundness bug; ``certorch verify`` itself re-checks ev
 
     .venv/bin/python benchmarks/vnncomp.py --timeout 60                  # all three benchmarks
     .venv/bin/python benchmarks/vnncomp.py --benchmarks 2022_mnist_fc --timeout 10 --limit 30
+    .venv/bin/python benchmarks/vnncomp.py --from-json runs/vnn.json --plot docs/vnncomp_solved.png  # re-plot
+
+``--plot`` draws the cactus curve: instances solved (correct sat + unsat) against the time each took.
 """
 from __future__ import annotations
 
@@ -59,6 +62,28 @@ def table(rows: list[dict], timeout: float) -> str:
     return "\n".join(L) + f"\n\n(per-instance timeout {timeout:g} s)\n"
 
 
+def plot(rows: list[dict], timeout: float, path: str) -> None:
+    """Instances solved (sat or unsat, not wrong) against the seconds each took, per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b in sorted({r["benchmark"] for r in rows}):
+        rs = [r for r in rows if r["benchmark"] == b]
+        t = sorted(r["seconds"] for r in rs if r["answer"] in ("sat", "unsat") and not r["wrong"])
+        ax.step([0.0] + t + [timeout], [0] + list(range(1, len(t) + 1)) + [len(t)], where="post",
+                label=f"{b} ({len(t)}/{len(rs)})")
+    ax.set_xlabel("seconds per instance (process start to answer)")
+    ax.set_ylabel("instances solved")
+    ax.set_title(f"certorch verify, timeout {timeout:g} s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "vnncomp"))
@@ -66,11 +91,15 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--limit", type=int, default=0, help="first N instances per benchmark (0: all)")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="write the solved-vs-time curve to this PNG")
+    p.add_argument("--from-json", default=None, help="table/plot of an earlier --json run instead of running")
     args = p.parse_args(argv)
-    res = run(args)
+    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     if res:
-        if args.json:
+        if args.json and not args.from_json:
             Path(args.json).write_text(json.dumps(res, indent=1))
+        if args.plot:
+            plot(res["rows"], args.timeout, args.plot)
         print(table(res["rows"], args.timeout))
 
 

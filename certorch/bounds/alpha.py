@@ -63,6 +63,8 @@ LR_DECAY = 0.98
 SAVED_PER_ENTRY = 8
 
 SlotKey = tuple[int, int, int]  # (target node, activation node, +1 for rows C / -1 for rows -C)
+#: third entry of the slot key of split multipliers: (target, split node, BETA)
+BETA = 2
 
 
 @dataclass
@@ -74,6 +76,7 @@ class AlphaState:
     bounds neuron ``ids[r]`` of the target (the spec row for the output), with sign +1 for the
     row and -1 for its negation; D is the row's extent at the activation (the activation's size
     for dense rows, C * kh * kw for window rows). NaN marks a slope that is not known.
+    Split multipliers (``splits=``) are kept as ``(target, split node, BETA)`` -> (ids, beta (B, R, n)).
     ``signature`` names the graph's nodes (a state is refused on another network).
     """
 
@@ -183,7 +186,7 @@ class AlphaSlopes:
         input box is one over the domain, and maximising over beta recovers what the
         constraints cut off. ``split``: (B, n) in {-1, 0, +1}. Returns (B, k, *shape)."""
         target, s0, ids, negated, G, from_windows = rows
-        key = (target, node, 1, s0)
+        key = (target, node, BETA, s0)
         B, n = split.shape
         beta = self.slots.get(key)
         if beta is None:

@@ -191,7 +191,7 @@ def test_dangling_input_is_a_clear_error():
 def test_supported_op_set_matches_spec():
     assert {"Gemm", "MatMul", "Conv", "Relu", "Flatten", "Reshape", "Add", "Sub", "Div", "Mul",
             "BatchNormalization", "AveragePool", "Identity", "Constant", "Dropout", "Transpose", "Pad",
-            "Sigmoid", "Tanh", "LeakyRelu", "MaxPool"} == set(SUPPORTED_OPS)
+            "Sigmoid", "Tanh", "LeakyRelu", "MaxPool", "Concat"} == set(SUPPORTED_OPS)
 
 
 def test_docs_examples_run():
