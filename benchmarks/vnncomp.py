@@ -5,6 +5,7 @@ confirmed unsat one) is a soundness bug; ``certorch verify`` itself re-checks ev
     .venv/bin/python benchmarks/vnncomp.py --timeout 60                  # all three benchmarks
     .venv/bin/python benchmarks/vnncomp.py --benchmarks 2022_mnist_fc --timeout 10 --limit 30
     .venv/bin/python benchmarks/vnncomp.py --from-json runs/vnn.json --plot docs/vnncomp_solved.png  # re-plot
+    (``--from-json`` also reads the printed log of a run stopped part way)
 
 ``--plot`` draws the cactus curve: instances solved (correct sat + unsat) against the time each took.
 """
@@ -62,6 +63,17 @@ def table(rows: list[dict], timeout: float) -> str:
     return "\n".join(L) + f"\n\n(per-instance timeout {timeout:g} s)\n"
 
 
+def load(path: Path) -> dict:
+    """Rows of an earlier run: its ``--json`` file, or its printed log (one JSON row per line,
+    e.g. of a run stopped part way)."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    return {"rows": [json.loads(line) for line in text.splitlines() if line.startswith('{"benchmark"')]}
+
+
 def plot(rows: list[dict], timeout: float, path: str) -> None:
     """Instances solved (sat or unsat, not wrong) against the seconds each took, per benchmark."""
     import matplotlib
@@ -94,7 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--plot", default=None, help="write the solved-vs-time curve to this PNG")
     p.add_argument("--from-json", default=None, help="table/plot of an earlier --json run instead of running")
     args = p.parse_args(argv)
-    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    res = load(Path(args.from_json)) if args.from_json else run(args)
     if res:
         if args.json and not args.from_json:
             Path(args.json).write_text(json.dumps(res, indent=1))

@@ -244,3 +244,23 @@ def test_bab_is_a_pipeline_stage():
     stages = build_stages("pgd,crown,alpha-crown,bab")
     assert [s.name for s in stages] == ["clean", "pgd", "crown", "alpha-crown", "bab"]
     assert isinstance(stages[-1], BabStage)
+
+
+def test_bab_splits_the_input_of_a_tanh_net_and_agrees_with_brute_force():
+    """Nets with activations other than ReLU are split on the input (no ReLU to fix)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)).double().eval()
+    g = torch.Generator().manual_seed(7)
+    for k in range(4):
+        x = torch.rand(1, 2, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        r = branch_and_bound(_problem(model, x, y, 0.1), 0, math.inf, BabOptions(batch=16, iters=3, root_iters=5))
+        grid = _brute_force_min(model, x, 0.1, y)
+        assert r.verdict is not None, r.message
+        if r.verdict == Verdict.VERIFIED:
+            assert grid > 0 and r.lower <= grid + 1e-9
+        else:
+            with torch.no_grad():
+                v = model(r.counterexample[None]) @ margin_matrix(y, 3)[0].to(torch.float64).T
+            assert float(v.min()) <= 0
