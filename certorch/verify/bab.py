@@ -65,7 +65,8 @@ class BabOptions:
     """Settings of one branch-and-bound search.
 
     ``batch``: domains split per step (each gives two children, bounded in one call);
-    ``iters``: alpha/beta iterations per child bound; ``root_iters``: at the root;
+    ``iters``: alpha/beta iterations per child bound; ``root_iters``: at the root (``iters`` when an
+    alpha-CROWN stage ran before and its slopes warm-start the root);
     ``max_bytes``: memory bound of the domain queue; ``input_split_dims``: split the input box
     instead of ReLUs when the input has at most this many elements; ``attack_steps``:
     sign-gradient steps from each child's bound minimiser.
@@ -300,7 +301,10 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     t0 = time.perf_counter()
     try:
         given = {} if input_mode else _known_bounds(problem, i, net, deadline)
-        root = bound_domains(problem, i, net, box, {}, given, warm, options.root_iters, deadline)
+        # warm slopes of the alpha-CROWN stage are already optimised for these bounds: a few passes
+        # only recover the coefficients and the state for the children
+        iters = options.iters if warm is not None else options.root_iters
+        root = bound_domains(problem, i, net, box, {}, given, warm, iters, deadline)
     except DeadlineExceeded:
         return BabResult(None, -math.inf, timed_out=True, message="bab: out of time at the root")
     if not input_mode:
