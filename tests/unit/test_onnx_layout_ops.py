@@ -45,25 +45,35 @@ def _nhwc_net(pads=(0, 0, 1, 2, 0, 0, 2, 1), pad_value=None, pad_mode=None, perm
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def test_nhwc_transpose_and_zero_pad_equal_onnxruntime():
-    m = _nhwc_net()
-    x = np.random.default_rng(1).random((4, 6, 5, 2)).astype(np.float32)
+def _assert_equals_onnxruntime(m, in_shape) -> None:
+    x = np.random.default_rng(1).random((4, *in_shape)).astype(np.float32)
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = import_onnx(m).module(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "zonotope", "symbolic", "dual", "alpha-crown"])
-def test_bounds_through_transpose_and_pad_contain_samples(method):
-    net = import_onnx(_nhwc_net()).module.double().eval()
+def _assert_bounds_contain_samples(m, in_shape, method: str) -> None:
+    net = import_onnx(m).module.double().eval()
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(2, 6, 5, 2, generator=g, dtype=torch.float64)
+    x = torch.rand(2, *in_shape, generator=g, dtype=torch.float64)
     with torch.no_grad():
         b = ct.bound(net, x, 0.05, method=method)
     pts = sample_box(ct.linf_ball(x, 0.05), 2000, g)
     with torch.no_grad():
         vals = net(pts.flatten(0, 1)).view(pts.shape[0], 2, -1)
     assert_within(vals, b.lower, b.upper)
+
+
+METHODS = ["ibp", "crown", "crown-ibp", "zonotope", "symbolic", "dual", "alpha-crown"]
+
+
+def test_nhwc_transpose_and_zero_pad_equal_onnxruntime():
+    _assert_equals_onnxruntime(_nhwc_net(), (6, 5, 2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bounds_through_transpose_and_pad_contain_samples(method):
+    _assert_bounds_contain_samples(_nhwc_net(), (6, 5, 2), method)
 
 
 @pytest.mark.parametrize("eps", [0.005, 0.2])
@@ -126,24 +136,12 @@ def _concat_net(axis=1):
 
 @pytest.mark.parametrize("axis", [1, -3])
 def test_concat_equals_onnxruntime(axis):
-    m = _concat_net(axis)
-    x = np.random.default_rng(1).random((4, 1, 6, 6)).astype(np.float32)
-    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    got = import_onnx(m).module(torch.from_numpy(x)).detach().numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _assert_equals_onnxruntime(_concat_net(axis), (1, 6, 6))
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "zonotope", "symbolic", "dual", "alpha-crown"])
+@pytest.mark.parametrize("method", METHODS)
 def test_bounds_through_concat_contain_samples(method):
-    net = import_onnx(_concat_net()).module.double().eval()
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(2, 1, 6, 6, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        b = ct.bound(net, x, 0.05, method=method)
-    pts = sample_box(ct.linf_ball(x, 0.05), 2000, g)
-    with torch.no_grad():
-        vals = net(pts.flatten(0, 1)).view(pts.shape[0], 2, -1)
-    assert_within(vals, b.lower, b.upper)
+    _assert_bounds_contain_samples(_concat_net(), (1, 6, 6), method)
 
 
 def test_milp_and_bab_through_concat_agree():
