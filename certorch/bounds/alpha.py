@@ -149,7 +149,7 @@ class AlphaSlopes:
     ``warm``: stored slopes ``{(target, act, sign): (ids, slopes)}`` to start from.
     """
 
-    def __init__(self, warm: dict | None, target: int | None = None, beta: bool = False):
+    def __init__(self, warm: dict | None, target: int | None = None, beta: bool = False, record: bool = False):
         self.slots: dict[tuple[int, int, int, int], Tensor] = {}
         self.slot_ids: dict[tuple[int, int, int, int], Tensor] = {}
         self.warm = warm or {}
@@ -157,6 +157,7 @@ class AlphaSlopes:
         self.beta = beta and target is not None
         self.beta_keys: set[tuple[int, int, int, int]] = set()
         self.coefficients: dict[int, Tensor] = {}  # node -> last coefficients of the target's rows there
+        self.recording = record  # keep them (B x spec rows x neurons per ReLU: only when asked)
 
     # --- what the backward interpreter asks ------------------------------------------------
 
@@ -176,7 +177,7 @@ class AlphaSlopes:
         """Keep the coefficients (detached) that the spec's rows have at the value of ``node``
         (an activation's output, or the network's input): branching scores and the minimiser
         of the linear bound read them (``BoundResult.extra["coefficients"]`` by node name)."""
-        if rows[0] == self.target:
+        if self.recording and rows[0] == self.target:
             self.coefficients[node] = (A.to_dense() if isinstance(A, Patches) else A).detach()
 
     def beta_backward(self, rows: tuple, node: int, A: Tensor, split: Tensor) -> Tensor:
@@ -274,9 +275,11 @@ class AlphaOptions:
     beta_lr: float = BETA_LR
 
 
-def check_options(iters: Any = None, lr: Any = None, state: Any = None) -> dict[str, Any]:
+def check_options(iters: Any = None, lr: Any = None, state: Any = None, coefficients: bool = False) -> dict[str, Any]:
     """Validated ``ct.bound`` options of alpha-CROWN as a dict for ``BoundContext.options``."""
     out: dict[str, Any] = {}
+    if coefficients:
+        out["alpha_coefficients"] = True
     if iters is not None:
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise CertorchError(f"alpha_iters must be a positive integer, got {iters!r}")
@@ -345,7 +348,7 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
     out = ctx.graph.output
     S = C.shape[1]
     ids = torch.arange(S, device=C.device)
-    store = AlphaSlopes(warm, out, beta=bool(ctx.splits))
+    store = AlphaSlopes(warm, out, beta=bool(ctx.splits), record=bool(ctx.options.get("alpha_coefficients")))
     best = ref_low.detach().clone()
     best_boxes = dict(ref_boxes)
     best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
@@ -387,7 +390,7 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
             grads = dict(zip(keys, torch.autograd.grad(-low.sum(), params, allow_unused=True)))
         for is_beta, o in opt.items():
             o.step([grads[k] for k in keys if (k in store.beta_keys) == is_beta])
-    if not ctx.extra.get("coefficients"):  # the first optimisation's (lower bounds of C)
+    if store.recording and not ctx.extra.get("coefficients"):  # the first optimisation's (lower bounds of C)
         names = {i: ctx.graph.nodes[i].name for i in store.coefficients}
         ctx.extra["coefficients"] = {names[i]: A for i, A in store.coefficients.items()}
     return best, store.export(best_alpha), best_boxes

@@ -99,6 +99,7 @@ def bound(
     alpha_state: AlphaState | None = None,
     splits: dict[str, Tensor] | None = None,
     intermediate_bounds: dict[str, Box] | None = None,
+    return_coefficients: bool = False,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
@@ -146,6 +147,9 @@ def bound(
         intermediate_bounds: ``{node name: Box (B, *node_shape)}`` bounds known to hold over
             the input set (e.g. a parent domain's ``result.intermediate``), used as they are
             (clamped by ``splits``) instead of being computed.
+        return_coefficients: ``alpha-crown`` only: keep the spec rows' last coefficients at each
+            ReLU output and at the input in ``result.extra["coefficients"]`` (node name ->
+            (B, S, *shape); branching scores of branch and bound read them).
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
@@ -153,8 +157,8 @@ def bound(
                       dtype=dtype, return_intermediate=return_intermediate, generator=generator,
                       max_elements=max_elements, memory_budget=memory_budget, deadline=deadline, upper=upper,
                       patches=patches, alpha_iters=alpha_iters, alpha_lr=alpha_lr,
-                      alpha_state=alpha_state, splits=splits,
-                      intermediate_bounds=intermediate_bounds)[get_method(method).name]
+                      alpha_state=alpha_state, splits=splits, intermediate_bounds=intermediate_bounds,
+                      return_coefficients=return_coefficients)[get_method(method).name]
 
 
 def bound_many(
@@ -183,6 +187,7 @@ def bound_many(
     alpha_state: AlphaState | None = None,
     splits: dict[str, Tensor] | None = None,
     intermediate_bounds: dict[str, Box] | None = None,
+    return_coefficients: bool = False,
 ) -> dict[str, BoundResult]:
     """Several final bounds from one set of intermediate bounds: ``{method name: BoundResult}``.
 
@@ -196,9 +201,9 @@ def bound_many(
         raise CertorchError("give at least one bound method")
     if slope is not None:
         check_slope(slope)
-    options = check_options(alpha_iters, alpha_lr, alpha_state)
+    options = check_options(alpha_iters, alpha_lr, alpha_state, return_coefficients)
     if options and not any(m.final == "alpha" for m in ms):
-        raise CertorchError(f"alpha_iters/alpha_lr/alpha_state apply to method alpha-crown, not {ms[0].name!r}")
+        raise CertorchError(f"alpha_iters/alpha_lr/alpha_state/return_coefficients apply to method alpha-crown, not {ms[0].name!r}")
     if projections is not None:
         if not any(m.supports_projections for m in ms):
             raise CertorchError(f"projections are supported by methods zonotope and dual, not {ms[0].name!r}")

@@ -166,7 +166,7 @@ def bound_domains(problem: Problem, i: int, net: _Net, box: Box, splits: dict[st
     with torch.no_grad():
         res = bound(problem.model, box.center, method="alpha-crown", C=C, box=box, dtype=torch.float64,
                     upper=False, return_intermediate=True, splits=splits or None,
-                    intermediate_bounds=given or None, alpha_state=alpha, alpha_iters=iters,
+                    intermediate_bounds=given or None, alpha_state=alpha, alpha_iters=iters, return_coefficients=True,
                     deadline=deadline if math.isfinite(deadline) else None)
     rows = res.lower + problem.d[i].to(res.lower.dtype)
     lb = problem.region_max(rows).amin(dim=1)
