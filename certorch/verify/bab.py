@@ -151,6 +151,7 @@ class _Net:
         acts = [n for n in graph.activation_nodes() if n.op.kind in SPLITTABLE]
         self.pre = [graph.nodes[a.inputs[0]].name for a in acts]  # split nodes
         self.act = {graph.nodes[a.inputs[0]].name: a.name for a in acts}  # split node -> its ReLU
+        self.shape = {graph.nodes[a.inputs[0]].name: graph.nodes[a.inputs[0]].shape for a in acts}  # per example
         self.input = graph.nodes[0].name
         self.relu_only = all(n.op.kind in SPLITTABLE for n in graph.activation_nodes())
         self.output = graph.output
@@ -308,7 +309,7 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     except DeadlineExceeded:
         return BabResult(None, -math.inf, timed_out=True, message="bab: out of time at the root")
     if not input_mode:
-        root.splits = {p: torch.zeros((1, *net.graph.nodes[_idx(net, p)].shape), dtype=torch.int8)
+        root.splits = {p: torch.zeros((1, *net.shape[p]), dtype=torch.int8)
                        for p in net.pre}
     proven = math.inf  # smallest bound among proved leaves
     count = 1
@@ -376,10 +377,6 @@ def _known_bounds(problem: Problem, i: int, net: _Net, deadline: float) -> dict[
     it ran, else CROWN's, computed now if no stage did): the root then optimises only the spec
     rows' slopes, so the search fits in memory wherever CROWN does."""
     return {k: v for k, v in crown_intermediate(problem, torch.tensor([i]), deadline).items() if k in net.pre}
-
-
-def _idx(net: _Net, name: str) -> int:
-    return next(n.index for n in net.graph.nodes if n.name == name)
 
 
 class BabStage(Stage):
