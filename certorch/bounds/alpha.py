@@ -326,6 +326,8 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
     with torch.no_grad():  # the reference: plain CROWN (also builds the IBP boxes and affine maps once)
         ref_low, ref_up = backward_bounds(ref, out, C, lambda i: pre_bounds(ref, i), upper)
     ctx._values = ref._values
+    if ctx.refine:  # refined by the reference's CROWN pass; the iterations keep those bounds
+        ctx.given, ctx.refine = {**ctx.given, **ref.boxes}, frozenset()
     warm = opts.state.sides if opts.state is not None else {}
     ctx.extra = {}
     lower, lo_slopes, boxes = _optimise(ctx, C, ref_low, ref.boxes, opts, warm.get("lower"))

@@ -99,6 +99,7 @@ def bound(
     alpha_state: AlphaState | None = None,
     splits: dict[str, Tensor] | None = None,
     intermediate_bounds: dict[str, Box] | None = None,
+    refine_intermediate: bool | Sequence[str] = False,
     return_coefficients: bool = False,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
@@ -147,6 +148,12 @@ def bound(
         intermediate_bounds: ``{node name: Box (B, *node_shape)}`` bounds known to hold over
             the input set (e.g. a parent domain's ``result.intermediate``), used as they are
             (clamped by ``splits``) instead of being computed.
+        refine_intermediate: treat ``intermediate_bounds`` (``True``: all of them; a list of node
+            names: those) as known bounds to tighten: the node is still computed (IBP and the
+            method's intermediate strategy; ``alpha-crown``: plain CROWN in its reference pass,
+            then its iterations optimise the spec rows only on those bounds) and intersected
+            with the given box. Branch and bound uses it to tighten a
+            child's later layers with its split constraints.
         return_coefficients: ``alpha-crown`` only: keep the spec rows' last coefficients at each
             ReLU output and at the input in ``result.extra["coefficients"]`` (node name ->
             (B, S, *shape); branching scores of branch and bound read them).
@@ -158,6 +165,7 @@ def bound(
                       max_elements=max_elements, memory_budget=memory_budget, deadline=deadline, upper=upper,
                       patches=patches, alpha_iters=alpha_iters, alpha_lr=alpha_lr,
                       alpha_state=alpha_state, splits=splits, intermediate_bounds=intermediate_bounds,
+                      refine_intermediate=refine_intermediate,
                       return_coefficients=return_coefficients)[get_method(method).name]
 
 
@@ -187,6 +195,7 @@ def bound_many(
     alpha_state: AlphaState | None = None,
     splits: dict[str, Tensor] | None = None,
     intermediate_bounds: dict[str, Box] | None = None,
+    refine_intermediate: bool | Sequence[str] = False,
     return_coefficients: bool = False,
 ) -> dict[str, BoundResult]:
     """Several final bounds from one set of intermediate bounds: ``{method name: BoundResult}``.
@@ -240,6 +249,7 @@ def bound_many(
         memory_budget=budget, deadline=deadline, keep_regions=return_intermediate, options=options,
         splits=_check_splits(graph, splits, x.shape[0], x.device),
         given=_check_given(graph, intermediate_bounds, x.shape[0], dtype, x.device),
+        refine=_check_refine(graph, refine_intermediate, intermediate_bounds),
     )
     spec = _spec(C, y, x.shape[0], graph.output_shape, dtype, x.device)
     batch_stats = _uses_batch_statistics(graph)
@@ -321,6 +331,19 @@ def _node_index(graph, name: str, what: str) -> int:
             return n.index
     valid = ", ".join(n.name for n in graph.nodes if not n.is_input)
     raise CertorchError(f"{what} names node {name!r}, which the network does not have; its nodes: {valid}")
+
+
+def _check_refine(graph, refine, given: dict | None) -> frozenset[int]:
+    """Node indices whose given bounds are refined (``refine_intermediate``)."""
+    if refine is False or refine is None:
+        return frozenset()
+    if refine is True:
+        names = list(given or {})
+    elif isinstance(refine, str) or not all(isinstance(n, str) for n in refine):
+        raise CertorchError("refine_intermediate must be True/False or a list of node names")
+    else:
+        names = list(refine)
+    return frozenset(_node_index(graph, n, "refine_intermediate") for n in names)
 
 
 def _check_splits(graph, splits: dict | None, B: int, device) -> dict[int, Tensor]:

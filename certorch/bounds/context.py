@@ -41,6 +41,9 @@ class BoundContext:
     splits: dict[int, Tensor] = field(default_factory=dict)
     #: bounds of nodes known to hold over the domain (e.g. a parent domain's), used instead of computing them
     given: dict[int, Box] = field(default_factory=dict)
+    #: nodes whose ``given`` boxes are priors: computed anyway and intersected with them (the
+    #: other given boxes are used as they are)
+    refine: frozenset[int] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)  # method outputs for BoundResult.extra
     boxes: dict[int, Box] = field(default_factory=dict)  # bounds per node (the best known)
     ibp_boxes: dict[int, Box] = field(default_factory=dict)
@@ -63,6 +66,13 @@ class BoundContext:
         """Raise :class:`DeadlineExceeded` once the deadline has passed (called between nodes)."""
         if self.deadline is not None and time.perf_counter() > self.deadline:
             raise DeadlineExceeded("bound computation ran past its deadline")
+
+    def known(self, idx: int, box: Box) -> Box:
+        """``box`` of node ``idx`` intersected with its given bounds (nodes in ``refine``) and
+        restricted to the split constraints: what a computed box becomes."""
+        if idx in self.refine and idx in self.given:
+            box = box.intersect(self.given[idx])
+        return self.constrain(idx, box)
 
     def constrain(self, idx: int, box: Box) -> Box:
         """``box`` of node ``idx`` restricted to the domain's split constraints (identity without

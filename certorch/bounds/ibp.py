@@ -13,7 +13,7 @@ def ibp_box(ctx: BoundContext, idx: int) -> Box:
     for i in ctx.graph.ancestors(idx):
         if i not in ctx.ibp_boxes:
             ctx.tick()
-            ctx.ibp_boxes[i] = ctx.constrain(i, _ibp_node(ctx, i))
+            ctx.ibp_boxes[i] = ctx.known(i, _ibp_node(ctx, i))
     return ctx.ibp_boxes[idx]
 
 

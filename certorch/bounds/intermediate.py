@@ -17,7 +17,7 @@ def pre_bounds(ctx: BoundContext, idx: int) -> Box:
     if idx in ctx.boxes:
         return ctx.boxes[idx]
     kind = ctx.intermediate
-    if idx in ctx.given:
+    if idx in ctx.given and idx not in ctx.refine:
         box = ctx.given[idx]
     elif kind == "ibp":
         box = ibp_box(ctx, idx)
@@ -29,7 +29,7 @@ def pre_bounds(ctx: BoundContext, idx: int) -> Box:
         box = crown_box(ctx, idx)
     else:
         raise ValueError(f"unknown intermediate bound strategy {kind!r}")
-    box = ctx.constrain(idx, box)
+    box = ctx.known(idx, box)
     ctx.boxes[idx] = box
     return box
 

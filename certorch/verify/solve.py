@@ -146,6 +146,29 @@ def lp_dual_bound(A, row_lower: np.ndarray, row_upper: np.ndarray, col_lower: np
     return lower, (margin if math.isfinite(margin) else math.inf)
 
 
+def farkas_certified(h, A, row_lower: np.ndarray, row_upper: np.ndarray, col_lower: np.ndarray,
+                     col_upper: np.ndarray) -> bool:
+    """True when HiGHS's dual ray proves ``{row_lower <= A x <= row_upper, col bounds}`` empty:
+    a feasible point would make every weak-duality bound of the zero objective <= 0, so a
+    ray whose bound (either sign; recomputed with its rounding margin) exceeds its margin
+    certifies infeasibility."""
+    try:
+        *_, exists, ray = h.getDualRay()  # (status, exists, ray)
+    except Exception:  # a highspy without rays: no certificate
+        return False
+    if not exists:
+        return False
+    ray = np.asarray(ray, dtype=np.float64)
+    if ray.shape != (A.shape[0],) or not np.isfinite(ray).all():
+        return False
+    zero = np.zeros(A.shape[1])
+    for y in (ray, -ray):
+        lower, margin = lp_dual_bound(A, row_lower, row_upper, col_lower, col_upper, zero, 0.0, y)
+        if lower > margin:
+            return True
+    return False
+
+
 def interpret(*, integer: bool, solver_status: str, lower: float, margin: float, value: float | None,
               point: np.ndarray | None, stop_below: float, seconds: float = 0.0) -> SolveResult:
     """The verdict rule (module doc) applied to one solve.
@@ -281,13 +304,18 @@ def minimize_region(
     stop_below: float = 1e-6,
     early_stop: bool = True,
     log: TextIO | None = None,
+    empty_is_proof: bool = False,
 ) -> SolveResult:
     """Minimize ``max_r (C_r f + d_r)`` (C: (R, K), d: (R,)) over ``enc`` and interpret the solve.
 
     ``integer``: keep the encoding's binaries (MILP), else the LP relaxation. ``time_limit``:
     seconds for building and solving (the caller's remaining budget). With ``early_stop`` a
     MILP stops as soon as an incumbent has value ``<= -stop_below`` or its dual bound exceeds the
-    margin. ``log``: stream for HiGHS's log (default: silent).
+    margin. ``log``: stream for HiGHS's log (default: silent). ``empty_is_proof`` (LP only; for
+    branch-and-bound sub-domains, whose split constraints may contradict each other): an LP that
+    HiGHS calls infeasible is ``positive`` (lower ``inf``) when its dual ray is a Farkas certificate,
+    i.e. the weak-duality bound of the zero objective along the ray, recomputed here with its
+    rounding margin (:func:`lp_dual_bound`), is positive; the solver's word alone proves nothing.
     """
     t0 = time.perf_counter()
     if not time_limit > 0:
@@ -363,11 +391,14 @@ def minimize_region(
             lower = -math.inf  # no dual bound reported: no proof
     elif status == "optimal" and sol.dual_valid:
         lower, margin = lp_dual_bound(A.tocsr(), rlo, rhi, clo, chi, cost, offset, np.asarray(sol.row_dual))
+    elif status == "infeasible" and empty_is_proof and farkas_certified(h, A.tocsr(), rlo, rhi, clo, chi):
+        return SolveResult("positive", math.inf, margin, None, None, status,
+                           "infeasible (Farkas certificate checked)", time.perf_counter() - t0)
     else:
         lower = -math.inf
     return interpret(integer=use_int, solver_status=status, lower=lower, margin=margin, value=value, point=point,
                      stop_below=stop_below, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["OUTCOMES", "SolveResult", "Tolerances", "highs_lp", "interpret", "lp_dual_bound", "milp_margin",
-           "minimize_region", "new_highs"]
+__all__ = ["OUTCOMES", "SolveResult", "Tolerances", "farkas_certified", "highs_lp", "interpret", "lp_dual_bound",
+           "milp_margin", "minimize_region", "new_highs"]
