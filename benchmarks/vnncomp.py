@@ -4,6 +4,7 @@ confirmed unsat one) is a soundness bug; ``certorch verify`` itself re-checks ev
 
     .venv/bin/python benchmarks/vnncomp.py --timeout 60                  # all three benchmarks
     .venv/bin/python benchmarks/vnncomp.py --benchmarks 2022_mnist_fc --timeout 10 --limit 30
+    .venv/bin/python benchmarks/vnncomp.py --benchmarks 2022_sri_resnet_a --skip 41     # finish a stopped run
     .venv/bin/python benchmarks/vnncomp.py --from-json runs/vnn.json --plot docs/vnncomp_solved.png  # re-plot
     (``--from-json`` also reads the printed log of a run stopped part way)
 
@@ -33,7 +34,7 @@ def run(args) -> dict:
     rows = []
     for bench in args.benchmarks.split(","):
         inst = list(csv.reader(open(base / bench / "instances.csv")))
-        for onnx, vnnlib, _ in inst[: args.limit or None]:
+        for onnx, vnnlib, _ in inst[args.skip :][: args.limit or None]:
             t0 = time.time()
             p = subprocess.run([sys.executable, "-m", "certorch", "verify", str(base / bench / onnx),
                                 str(base / bench / vnnlib), "--timeout", str(args.timeout)],
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--benchmarks", default="2022_mnist_fc,2022_oval21,2022_sri_resnet_a")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--limit", type=int, default=0, help="first N instances per benchmark (0: all)")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N instances per benchmark (to finish a run)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write the solved-vs-time curve to this PNG")
     p.add_argument("--from-json", default=None, help="table/plot of an earlier --json run instead of running")
