@@ -431,22 +431,20 @@ def solve_leaves(problem: Problem, i: int, net: _Net, doms: Domains,
     Farkas certificate (:func:`certorch.verify.solve.farkas_certified`).
     """
     from certorch.verify.encode import encode
-    from certorch.verify.lp import region_spec, try_points
+    from certorch.verify.lp import flat64, region_spec, try_points
     from certorch.verify.solve import minimize_region
 
     graph = net.graph
     index = {n.name: n.index for n in graph.nodes}
-    proved = torch.zeros(doms.size, dtype=torch.bool)
+    proved = torch.zeros(doms.size, dtype=torch.bool, device=doms.rows.device)
     regions = problem.region_max(doms.rows).clone()  # (D, R)
     lowest = math.inf
     for k in range(doms.size):
         if time.perf_counter() > deadline:
             raise DeadlineExceeded("bab: out of time solving fully split domains")
-        bounds = {index[p]: (doms.bounds[p].lower[k].detach().to(torch.float64).flatten().numpy(),
-                             doms.bounds[p].upper[k].detach().to(torch.float64).flatten().numpy()) for p in net.pre}
-        lo = doms.box.lower[k].detach().to(torch.float64).flatten().numpy()
-        hi = doms.box.upper[k].detach().to(torch.float64).flatten().numpy()
-        enc = encode(graph, lo, hi, bounds, None, deadline=deadline if math.isfinite(deadline) else None)
+        bounds = {index[p]: (flat64(doms.bounds[p].lower[k]), flat64(doms.bounds[p].upper[k])) for p in net.pre}
+        enc = encode(graph, flat64(doms.box.lower[k]), flat64(doms.box.upper[k]), bounds, None,
+                     deadline=deadline if math.isfinite(deadline) else None)
         ok, points = True, []
         for g in range(regions.shape[1]):
             if float(regions[k, g]) > 0:

@@ -29,13 +29,16 @@ from certorch.verify.solve import SolveResult, minimize_region
 from certorch.verify.stages import Problem, Stage, StageOutput, float64_forward, node_bounds
 
 
+def flat64(t: torch.Tensor) -> np.ndarray:
+    """One example's tensor as the flat float64 numpy array the encoder takes (on the CPU)."""
+    return t.detach().to(torch.float64).flatten().cpu().numpy()
+
+
 def example_encoding(problem: Problem, i: int, binaries: str | int | None, deadline: float = math.inf) -> Encoding:
     """Encoding of example ``i`` of ``problem`` (CROWN node bounds, float64)."""
     graph = capture(problem.model, tuple(problem.box.lower.shape[1:]))
-    lo = problem.box.lower[i].detach().to(torch.float64).flatten().cpu().numpy()
-    hi = problem.box.upper[i].detach().to(torch.float64).flatten().cpu().numpy()
-    return encode(graph, lo, hi, node_bounds(problem, i, deadline), binaries,
-                  deadline=deadline if math.isfinite(deadline) else None)
+    return encode(graph, flat64(problem.box.lower[i]), flat64(problem.box.upper[i]), node_bounds(problem, i, deadline),
+                  binaries, deadline=deadline if math.isfinite(deadline) else None)
 
 
 def region_spec(problem: Problem, i: int, g: int) -> tuple[np.ndarray, np.ndarray]:
