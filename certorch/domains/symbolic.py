@@ -1,7 +1,8 @@
 """Symbolic intervals (ReluVal / Neurify / MixTrain): two linear functions of the input per neuron.
 
 Each bound is an affine form ``const + coef . e`` in the normalized input ``e in [-1, 1]^n``
-(``x = c + r * e``): ``low`` <= value <= ``up``. Affine maps split their coefficients by sign;
+(``x = c + r * e``): ``low`` <= value <= ``up``. Affine maps split their coefficients by sign
+(computed as ``L mid -/+ |L| half``: two maps per layer, see :meth:`SymbolicInterval.map`);
 ReLU uses the *symbolic linear relaxation*: two parallel lines of slope u/(u-l)
 (``lower = lam * low``, ``upper = lam * (up - l)``).
 """
@@ -68,22 +69,37 @@ class SymbolicInterval:
         return SymbolicInterval(form([p.low for p in parts]), form([p.up for p in parts]))
 
     def map(self, m: AffineMap, *others: "SymbolicInterval") -> "SymbolicInterval":
+        """The forms through the affine map ``m`` (the inputs' forms for a map of several inputs).
+
+        ``L+ low + L- up`` and ``L+ up + L- low`` are computed as ``L mid -/+ |L| half`` with
+        ``mid = (low + up) / 2`` and ``half = (up - low) / 2`` (the same linear functions: two maps
+        instead of four); forms with ``low is up`` (the input box) take one map."""
         ss = (self,) + others
         off = m.offset()
-        low_c = m.apply_signed([s.low.const for s in ss], [s.up.const for s in ss])
-        up_c = m.apply_signed([s.up.const for s in ss], [s.low.const for s in ss])
-        if off is not None:
-            low_c, up_c = low_c + off, up_c + off
         B, n = self.low.coef.shape[:2]
         flat = lambda t: t.reshape(B * n, *t.shape[2:])  # noqa: E731
         k = len(ss)
-        signed = lambda *t: m.apply_signed(t[:k], t[k:])  # noqa: E731
-        low_k = map_rows(signed, [flat(s.low.coef) for s in ss] + [flat(s.up.coef) for s in ss])
-        up_k = map_rows(signed, [flat(s.up.coef) for s in ss] + [flat(s.low.coef) for s in ss])
+        if all(s.up is s.low for s in ss):
+            c = m.apply(*(s.low.const for s in ss))
+            c = c if off is None else c + off
+            coef = map_rows(m.apply, [flat(s.low.coef) for s in ss])
+            f = AffineForm(c, coef.reshape(B, n, *c.shape[1:]))
+            return SymbolicInterval(f, f)
+
+        def both(*t: Tensor) -> Tensor:
+            """(rows, 2, *out): the lower then the upper form's values of lows t[:k], ups t[k:]."""
+            mid = m.apply(*((a + b) * 0.5 for a, b in zip(t[:k], t[k:])))
+            half = m.apply_abs(*((b - a) * 0.5 for a, b in zip(t[:k], t[k:])))
+            return torch.stack([mid - half, mid + half], 1)
+
+        c = both(*(s.low.const for s in ss), *(s.up.const for s in ss))
+        low_c, up_c = c[:, 0], c[:, 1]
+        if off is not None:
+            low_c, up_c = low_c + off, up_c + off
+        coef = map_rows(both, [flat(s.low.coef) for s in ss] + [flat(s.up.coef) for s in ss])
         shape = low_c.shape[1:]
-        return SymbolicInterval(
-            AffineForm(low_c, low_k.reshape(B, n, *shape)), AffineForm(up_c, up_k.reshape(B, n, *shape))
-        )
+        return SymbolicInterval(AffineForm(low_c, coef[:, 0].reshape(B, n, *shape)),
+                                AffineForm(up_c, coef[:, 1].reshape(B, n, *shape)))
 
     def relu(self, slope: Tensor, up_bias: Tensor, low_bias: Tensor | None = None) -> "SymbolicInterval":
         """``low -> slope * low + low_bias``, ``up -> slope * up + up_bias`` (each (B, *shape));
