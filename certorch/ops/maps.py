@@ -4,7 +4,7 @@ An affine map is ``v -> L(v) + offset`` with ``L`` linear. Every interpreter (IB
 symbolic intervals, backward/CROWN, MILP) is written against this small interface, so an op
 that provides a map gets every bound method for free (DESIGN.md item 5).
 
-Shapes: ``apply``/``apply_signed`` take tensors of shape (M, *in_shape) with any leading M
+Shapes: ``apply``/``apply_abs`` take tensors of shape (M, *in_shape) with any leading M
 (batch, or batch x generators flattened) and return (M, *out_shape). ``transpose`` takes
 (M, *out_shape) and returns one (M, *in_shape_i) tensor per input (the adjoint / vector-Jacobian
 product). ``offset`` is None or a tensor of per-example shape broadcastable to (*out_shape);
@@ -45,7 +45,7 @@ def map_rows(fn: Callable[..., Tensor], xs: Sequence[Tensor], max_elements: int 
 
 
 class AffineMap:
-    """Base class; subclasses implement ``apply``, ``apply_signed`` and ``transpose``."""
+    """Base class; subclasses implement ``apply``, ``apply_abs`` and ``transpose``."""
 
     num_inputs: int = 1
     diagonal: bool = False  # element-wise map (IBP through it is exact)
@@ -54,13 +54,9 @@ class AffineMap:
     def apply(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def apply_signed(self, pos: Sequence[Tensor], neg: Sequence[Tensor]) -> Tensor:
-        """``L+ (pos) + L- (neg)`` where L+/L- keep the positive/negative coefficients."""
-        raise NotImplementedError
-
     def apply_abs(self, *xs: Tensor) -> Tensor:
         """``|L| (x)``: the linear map with absolute coefficients (x is usually >= 0)."""
-        return self.apply_signed(xs, [-x for x in xs])
+        raise NotImplementedError
 
     def transpose(self, A: Tensor) -> list[Tensor]:
         raise NotImplementedError
@@ -83,9 +79,6 @@ class DenseMap(AffineMap):
 
     def apply(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
-
-    def apply_signed(self, pos, neg) -> Tensor:
-        return F.linear(pos[0], self.weight.clamp(min=0)) + F.linear(neg[0], self.weight.clamp(max=0))
 
     def apply_abs(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.abs())
@@ -116,9 +109,6 @@ class ConvMap(AffineMap):
 
     def apply(self, x: Tensor) -> Tensor:
         return self._conv(x, self.weight)
-
-    def apply_signed(self, pos, neg) -> Tensor:
-        return self._conv(pos[0], self.weight.clamp(min=0)) + self._conv(neg[0], self.weight.clamp(max=0))
 
     def apply_abs(self, x: Tensor) -> Tensor:
         return self._conv(x, self.weight.abs())
@@ -163,10 +153,6 @@ class ScaleShiftMap(AffineMap):
     def apply(self, x: Tensor) -> Tensor:
         return x * self._view(self.scale)
 
-    def apply_signed(self, pos, neg) -> Tensor:
-        s = self._view(self.scale)
-        return pos[0] * s.clamp(min=0) + neg[0] * s.clamp(max=0)
-
     def apply_abs(self, x: Tensor) -> Tensor:
         return x * self._view(self.scale.abs())
 
@@ -190,9 +176,6 @@ class ReshapeMap(AffineMap):
     def apply(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], *self.out_shape)
 
-    def apply_signed(self, pos, neg) -> Tensor:
-        return self.apply(pos[0])
-
     def apply_abs(self, x: Tensor) -> Tensor:
         return self.apply(x)
 
@@ -213,9 +196,6 @@ class SumMap(AffineMap):
         for x in xs[1:]:
             out = out + x
         return out
-
-    def apply_signed(self, pos, neg) -> Tensor:
-        return self.apply(*pos)
 
     def apply_abs(self, *xs: Tensor) -> Tensor:
         return self.apply(*xs)
@@ -241,9 +221,6 @@ class ConcatMap(AffineMap):
     def apply(self, *xs: Tensor) -> Tensor:
         return torch.cat(xs, dim=self.dim + 1)
 
-    def apply_signed(self, pos, neg) -> Tensor:
-        return self.apply(*pos)
-
     def apply_abs(self, *xs: Tensor) -> Tensor:
         return self.apply(*xs)
 
@@ -265,9 +242,6 @@ class NonNegativeLinearMap(AffineMap):
 
     def apply(self, x: Tensor) -> Tensor:
         return self.fn(x)
-
-    def apply_signed(self, pos, neg) -> Tensor:
-        return self.fn(pos[0])
 
     def apply_abs(self, x: Tensor) -> Tensor:
         return self.fn(x)

@@ -111,11 +111,6 @@ class ElementwiseAffineMap(AffineMap):
     def apply(self, x: Tensor) -> Tensor:
         return x if self.scale is None else x * self.scale
 
-    def apply_signed(self, pos, neg) -> Tensor:
-        if self.scale is None:
-            return pos[0]
-        return pos[0] * self.scale.clamp(min=0) + neg[0] * self.scale.clamp(max=0)
-
     def apply_abs(self, x: Tensor) -> Tensor:
         return x if self.scale is None else x * self.scale.abs()
 
