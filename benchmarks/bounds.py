@@ -189,7 +189,8 @@ def worker(cfg: dict) -> None:
 def run_config(cfg: dict, timeout: float) -> dict:
     """Run one configuration in a subprocess; returns {"fwd": result, "fwdbwd": result}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(cfg["threads"])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(cfg["threads"]),
+           "THP_MEM_ALLOC_ENABLE": thp_setting()}  # the same allocator for every library (certorch's CLI sets it)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
         stdout, failed = p.stdout, p.returncode != 0
@@ -272,6 +273,11 @@ def _ratio(a: dict | None, b: dict | None, field: str = "time") -> str:
     return f"{b[field] / a[field]:.2f}x"
 
 
+def thp_setting() -> str:
+    """PyTorch's huge-page setting for big CPU tensors in every worker: the caller's, else on (as in certorch's CLI)."""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def hardware(threads: int) -> str:
     import torch
 
@@ -284,7 +290,8 @@ def hardware(threads: int) -> str:
     except OSError:
         pass
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    return f"{cpu}; {threads} threads; torch {torch.__version__}; load average at the end (1/5/15 min): {load}"
+    return (f"{cpu}; {threads} threads; torch {torch.__version__}; THP_MEM_ALLOC_ENABLE={thp_setting()} for every "
+            f"library; load average at the end (1/5/15 min): {load}")
 
 
 def report(args, results: dict, scaling: dict, elapsed: float) -> str:

@@ -75,8 +75,22 @@ def _one_line(text: str) -> str:
     return " ".join(lines) if lines else "unknown error"
 
 
+def _huge_pages_for_big_tensors() -> None:
+    """Ask PyTorch's CPU allocator to back tensors of 2 MB and more with transparent huge pages.
+
+    Bounds with many error terms or projections allocate and free tensors of tens of MB at every
+    step; glibc returns them to the kernel, and each new one faults in page by page. On a 2-core
+    VM this was a third of a dual-network training step (708k minor faults per step, 1.4 s of
+    system time in 3.9 s); with huge pages: 26k faults, 17 % faster. PyTorch reads the variable at
+    its first large allocation, so setting it here (before any work) is in time. A user's own
+    setting wins: ``THP_MEM_ALLOC_ENABLE=0 certorch ...`` turns it off. No effect on GPUs or
+    where the kernel has huge pages disabled."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    _huge_pages_for_big_tensors()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

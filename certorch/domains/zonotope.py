@@ -18,15 +18,44 @@ from certorch.ops.maps import AffineMap, map_rows
 
 
 def cauchy_like(shape, ref: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard Cauchy samples of ``shape`` with ``ref``'s dtype/device."""
+    """Standard Cauchy samples ``tan(pi (u - 1/2))``, u uniform, of ``shape`` with ``ref``'s dtype/device.
+
+    Computed in place on the uniform draw: half the time of the out-of-place expression on a CPU
+    (one pass over memory instead of three); ``Tensor.cauchy_`` is slower still (measured, torch 2.13)."""
     u = torch.rand(shape, dtype=ref.dtype, device=ref.device, generator=generator)
-    return torch.tan(torch.pi * (u - 0.5))
+    return u.sub_(0.5).mul_(torch.pi).tan_()
+
+
+class _MedianAbs(torch.autograd.Function):
+    """``|G|.median(dim=1).values`` for G (B, m, *shape), with less memory traffic than autograd's.
+
+    Forward: |G| is written straight into a (B, *shape, m) buffer, the layout ``median`` selects
+    in (it would otherwise copy |G| into it). Backward: the gradient reaches the selected entry of
+    each column only, times its sign (autograd's version keeps |G| and runs a full-size ``sgn``
+    and product). Same values, indices and gradients (tested)."""
+
+    @staticmethod
+    def forward(ctx, G: Tensor) -> Tensor:
+        Gt = G.movedim(1, -1)
+        A = torch.empty(Gt.shape, dtype=G.dtype, device=G.device)
+        torch.abs(Gt, out=A)
+        values, idx = A.median(dim=-1)
+        idx = idx.unsqueeze(1)
+        ctx.save_for_backward(idx, G.gather(1, idx).sign())
+        ctx.shape = G.shape
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        idx, sign = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_(1, idx, grad.unsqueeze(1) * sign)
 
 
 def l1_estimate(G: Tensor, projected: bool) -> Tensor:
-    """Per-position L1 norm over generators (dim 1): exact sum, or the Cauchy median estimate."""
+    """Per-position L1 norm over generators (dim 1): exact sum, or the Cauchy median estimate
+    (``G``: (B, m, *shape) -> (B, *shape))."""
     if projected:
-        return G.abs().median(dim=1).values
+        return _MedianAbs.apply(G)
     return torch.linalg.vector_norm(G, ord=1, dim=1)  # one fused reduction: no |G| copy of the block
 
 

@@ -1,6 +1,7 @@
 """CLI: one-line errors with exit code 2, a 1-epoch digits run, report/attack/info on it."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,15 @@ def test_resume_and_report_skip_metrics_records_of_wrong_shape(run_dir, capsys, 
 
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
+
+
+def test_cli_asks_for_huge_pages_for_big_tensors(monkeypatch, capsys):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    main(["info"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
+def test_cli_keeps_the_users_huge_page_setting(monkeypatch, capsys):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    main(["info"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

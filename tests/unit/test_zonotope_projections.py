@@ -1,0 +1,46 @@
+"""Cauchy projections of zonotope blocks (Wong et al. 2018): the sampler and the median L1 estimate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from certorch.domains.zonotope import cauchy_like, l1_estimate
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 9, 3, 4, 4), (1, 50, 1)])
+def test_median_estimate_equals_the_median_of_absolute_values(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(l1_estimate(G, projected=True), G.abs().median(dim=1).values)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_median_estimate_has_the_gradient_of_autograds_median(transposed):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 6, 11, generator=g, dtype=torch.float64)
+    base[0, :, 0] = 0.0  # a column of zeros: |.| has gradient 0 there in both
+    weights = torch.randn(4, 11 if not transposed else 6, generator=g, dtype=torch.float64)
+    grads = []
+    for ours in (True, False):
+        G = base.clone().requires_grad_(True)
+        H = G.transpose(1, 2) if transposed else G  # linear_bounds passes a transposed view
+        est = l1_estimate(H, projected=True) if ours else H.abs().median(dim=1).values
+        (est * weights).sum().backward()
+        grads.append(G.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_cauchy_samples_are_tan_of_a_centred_uniform_draw():
+    ref = torch.zeros(1, dtype=torch.float64)
+    got = cauchy_like((5, 8), ref, torch.Generator().manual_seed(3))
+    u = torch.rand((5, 8), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(got, torch.tan(torch.pi * (u - 0.5)), rtol=1e-12, atol=0)
+
+
+def test_cauchy_median_estimate_is_close_to_the_l1_norm():
+    """Median of |G R| over many projections estimates ||G||_1 (the median of |Cauchy| is 1)."""
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)  # (B, m, n): 30 generators
+    R = cauchy_like((2, 4001, 30), G, g)  # (B, r, m)
+    est = l1_estimate(torch.einsum("brm,bmn->brn", R, G), projected=True)
+    exact = l1_estimate(G, projected=False)
+    assert torch.allclose(est, exact, rtol=0.1)
