@@ -247,7 +247,8 @@ def _certify_cascade(args: argparse.Namespace, eps_list: list[float]) -> int:
         (out / f"cascade-eps{eps:g}.json").write_text(json.dumps(rep, indent=2))
         print(f"eps={eps:g}, {rep['examples']} test examples, Algorithm 2 (the paper's rule, not sound):")
         print(format_table(rep["paper_rule"], ["stage", "certified_here", "robust_err", "std_err"]))
-        print(f"single-model robust error per stage: {', '.join(f'{e:.4f}' for e in rep['single_model_robust_err'])}")
+        print("sound rule: model k runs where models 1..k-1 certify: " + ", ".join(
+            f"model {c['stage']} certifies {c['certified']} of {c['evaluated']}" for c in rep["sound_certified"]))
         print(f"sound cascade robust error: {rep['sound_robust_err']:.4f} (any router), "
               f"{rep['sound_robust_err_ibp_routed']:.4f} (IBP-routed cascade)")
     print(f"results: {out}")

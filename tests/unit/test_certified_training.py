@@ -196,6 +196,34 @@ def test_paper_rule_and_sound_rule_on_a_hand_computed_case():
     assert sound_rule(at_eps, ibp2).tolist() == [True, True, False, True]
 
 
+def test_cascade_sound_rule_runs_model_k_only_where_models_before_it_certify(monkeypatch):
+    """Model k's certificate can change the sound rule only where models 1..k-1 all certify: it is
+    run there only (model 1 reuses the paper rule's run), with the same answer as running it on all."""
+    import certorch.verify.cascade as cascade
+
+    table = [torch.tensor([True, True, False, True, True]),  # model 1 at eps, per example
+             torch.tensor([True, False, True, True, False]),
+             torch.tensor([False, True, True, True, True])]
+    models = [nn.Linear(1, 2) for _ in table]
+    calls = []
+
+    def fake_verified(model, x, y, eps, stages, timeout, threads, chunk):
+        k = next(i for i, m in enumerate(models) if m is model)
+        ids = x.flatten().long()
+        calls.append((k, ids.tolist()))
+        return table[k][ids]
+
+    monkeypatch.setattr(cascade, "_verified", fake_verified)
+    monkeypatch.setattr("certorch.bounds.api.certified", lambda m, xb, yb, e, method: torch.zeros(len(yb), dtype=torch.bool))
+    x = torch.arange(5.0).view(5, 1)
+    rep = cascade.certify_cascade(models, x, torch.zeros(5, dtype=torch.long), 0.1, chunk=2)
+    paper = [(0, [0, 1, 2, 3, 4]), (1, [2])]  # Algorithm 2: model 2 certifies the last one; model 3 idle
+    assert calls == paper + [(1, [0, 1, 3, 4]), (2, [0, 3])]
+    assert rep["sound_robust_err"] == float((~cascade.sound_rule(table)).float().mean()) == pytest.approx(0.8)
+    assert [c["evaluated"] for c in rep["sound_certified"]] == [5, 4, 2]
+    assert [c["certified"] for c in rep["sound_certified"]] == [4, 2, 1]
+
+
 def _cascade_cfg(**over) -> dict:
     cfg = {"name": "c", "device": "cpu", "epochs": 2, "batch_size": 64, "progress": False, "threads": 1,
            "data": {"dataset": "digits", "subset": 200}, "model": {"name": "digits_mlp"},
