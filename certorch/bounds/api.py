@@ -45,10 +45,13 @@ class BoundResult:
 
 
 def _check_params(model: nn.Module) -> None:
+    """One-line error for a NaN / inf parameter. Fast path: one sum per tensor (a sum that is not
+    finite may also be an overflow of finite values: then each tensor is tested element-wise)."""
     params = [p.detach().sum() for p in model.parameters()]
     if params and not bool(torch.isfinite(torch.stack([p.to(torch.float64) for p in params])).all()):
-        bad = next(n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all()))
-        raise CertorchError(f"model parameter {bad!r} contains NaN or infinite values")
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise CertorchError(f"model parameter {bad!r} contains NaN or infinite values")
 
 
 def _spec(C: Tensor | None, y: Tensor | None, B: int, out_shape: tuple[int, ...], dtype, device) -> Tensor:

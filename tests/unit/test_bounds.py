@@ -194,6 +194,17 @@ def test_nan_weights_are_rejected():
         ct.bound(model, torch.rand(1, 3), 0.1)
 
 
+def test_huge_finite_weights_are_accepted():
+    """Finite weights whose float32 sum overflows: the fast NaN check falls back to an exact one
+    (it raised StopIteration before)."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)
+        model[0].bias.zero_()
+    b = ct.bound(model, torch.zeros(1, 2), 0.0, method="ibp")
+    assert torch.equal(b.lower, torch.zeros(1, 2))
+
+
 def test_label_out_of_range_is_rejected(small):
     model, x, _ = small
     with pytest.raises(CertorchError, match="labels"):
