@@ -46,8 +46,8 @@ from torch import Tensor
 
 from certorch.bounds.backward import backward_bounds, chunked_bounds, row_numel
 from certorch.bounds.context import BoundContext
-from certorch.bounds.ibp import ibp_box
-from certorch.bounds.intermediate import ibp_is_exact, pre_bounds
+from certorch.bounds.ibp import ibp_box, ibp_is_exact
+from certorch.bounds.intermediate import pre_bounds
 from certorch.bounds.patches import Patches
 from certorch.domains.box import Box
 from certorch.errors import CertorchError, DeadlineExceeded

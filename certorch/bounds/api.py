@@ -12,8 +12,7 @@ from certorch.bounds import memory
 from certorch.bounds.alpha import AlphaState, check_options, peak_bytes
 from certorch.bounds.backward import row_numel
 from certorch.bounds.context import BoundContext
-from certorch.bounds.ibp import ibp_box
-from certorch.bounds.intermediate import ibp_is_exact
+from certorch.bounds.ibp import ibp_box, ibp_is_exact
 from certorch.bounds.methods import check_slope, get_method, intermediate_for, run_method
 from certorch.domains.box import Box
 from certorch.errors import CertorchError, MemoryBudgetError

@@ -6,6 +6,7 @@ Both walk the graph in topological order and keep one abstract value per node in
 from __future__ import annotations
 
 from certorch.bounds.context import BoundContext
+from certorch.bounds.ibp import ibp_box, ibp_is_exact
 from certorch.domains.box import Box
 from certorch.domains.symbolic import SymbolicInterval
 from certorch.domains.zonotope import Zonotope
@@ -95,10 +96,24 @@ def _zono_input(ctx: BoundContext) -> Zonotope:
     return Zonotope.from_box(ctx.box, ctx.projections, ctx.generator, block_id=0)
 
 
+def zonotope_box(ctx: BoundContext, idx: int) -> Box:
+    """Bounds of node ``idx`` from its zonotope (computed once, recorded in ctx.boxes)."""
+    if idx not in ctx.boxes:
+        ctx.boxes[idx] = ibp_box(ctx, idx) if _projected_but_ibp_exact(ctx, idx) else zonotope_region(ctx, idx).box()
+    return ctx.boxes[idx]
+
+
+def _projected_but_ibp_exact(ctx: BoundContext, idx: int) -> bool:
+    """With Cauchy projections the zonotope's box is a random estimate of the exact zonotope
+    bounds; where those equal IBP's (node ``idx`` an affine image of the input box with one
+    general map, e.g. the first layer) IBP's box is that exact value, and cheaper."""
+    return bool(ctx.projections) and ibp_is_exact(ctx, idx)
+
+
 def _pre_box(ctx: BoundContext, idx: int, region) -> Box:
     """Bounds of node ``idx`` from its region (computed once, recorded in ctx.boxes)."""
     if idx not in ctx.boxes:
-        ctx.boxes[idx] = region.box()
+        ctx.boxes[idx] = ibp_box(ctx, idx) if _projected_but_ibp_exact(ctx, idx) else region.box()
     return ctx.boxes[idx]
 
 

@@ -32,3 +32,18 @@ def _ibp_node(ctx: BoundContext, i: int) -> Box:
     if node.is_activation:
         return node.op.relaxation.interval(ins[0])
     raise UnsupportedOperationError(f"IBP does not support node {node.name!r} ({node.op.kind})")
+
+
+def ibp_is_exact(ctx: BoundContext, idx: int) -> bool:
+    """True when node ``idx`` is an affine image of the input box with at most one
+    non-diagonal map on the way (then IBP bounds are exact)."""
+    general = 0
+    for i in ctx.graph.ancestors(idx):
+        node = ctx.graph.nodes[i]
+        if node.is_input:
+            continue
+        if not node.is_affine or len(node.inputs) != 1:
+            return False
+        if not ctx.affine_map(i).diagonal:
+            general += 1
+    return general <= 1

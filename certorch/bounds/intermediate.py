@@ -6,8 +6,8 @@ from torch import Tensor
 
 from certorch.bounds.backward import chunked_bounds
 from certorch.bounds.context import BoundContext
-from certorch.bounds.forward import symbolic_region, zonotope_region
-from certorch.bounds.ibp import ibp_box
+from certorch.bounds.forward import symbolic_region, zonotope_box
+from certorch.bounds.ibp import ibp_box, ibp_is_exact
 from certorch.bounds.patches import Patches
 from certorch.domains.box import Box
 
@@ -22,7 +22,7 @@ def pre_bounds(ctx: BoundContext, idx: int) -> Box:
     elif kind == "ibp":
         box = ibp_box(ctx, idx)
     elif kind == "zonotope":
-        box = zonotope_region(ctx, idx).box()
+        box = zonotope_box(ctx, idx)
     elif kind == "symbolic":
         box = symbolic_region(ctx, idx).box()
     elif kind == "crown":
@@ -32,21 +32,6 @@ def pre_bounds(ctx: BoundContext, idx: int) -> Box:
     box = ctx.known(idx, box)
     ctx.boxes[idx] = box
     return box
-
-
-def ibp_is_exact(ctx: BoundContext, idx: int) -> bool:
-    """True when node ``idx`` is an affine image of the input box with at most one
-    non-diagonal map on the way (then IBP bounds are exact)."""
-    general = 0
-    for i in ctx.graph.ancestors(idx):
-        node = ctx.graph.nodes[i]
-        if node.is_input:
-            continue
-        if not node.is_affine or len(node.inputs) != 1:
-            return False
-        if not ctx.affine_map(i).diagonal:
-            general += 1
-    return general <= 1
 
 
 def _needs_bounds(ctx: BoundContext, idx: int, lo: Tensor, up: Tensor) -> Tensor:

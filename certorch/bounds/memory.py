@@ -103,7 +103,7 @@ def generator_counts(graph, ibp_boxes: dict | None, kind: str, projections: int 
     holds at each node, as a (B, N) float tensor (node order of ``graph``).
 
     ``zonotope``: input terms + one term per IBP-unstable neuron of every ReLU before the node
-    (``projections``: r per block instead, and ``ibp_boxes`` is not read; ``ibp_boxes=None``:
+    (``projections``: r at the input, 2r from the first ReLU on, and ``ibp_boxes`` is not read; ``ibp_boxes=None``:
     no ReLU term at all, the certain minimum); ``symbolic``: 2 x input terms (the forms share one
     coefficient tensor since commit dad3fe6, so this now also covers the maps' outputs that autograd
     keeps for a training step: cifar_small, batch 1, float32 with backward peaked at 0.39 GiB
@@ -119,7 +119,9 @@ def generator_counts(graph, ibp_boxes: dict | None, kind: str, projections: int 
             if kind == "symbolic":
                 g = 2 * g
         elif node.is_activation and kind == "zonotope" and projections:
-            g = per_node[node.inputs[0]] + projections
+            # one merged projected block of r columns (domains/zonotope.py); 2r covers the new
+            # projections drawn beside the scaled block while they are added into it
+            g = torch.full((B,), 2.0 * projections, dtype=torch.float64)
         elif node.is_activation and kind == "zonotope" and ibp_boxes is None:
             g = per_node[node.inputs[0]]
         elif node.is_activation and kind == "zonotope":

@@ -157,8 +157,15 @@ def run_method(method: BoundMethod, ctx: BoundContext, C: Tensor, upper: bool = 
     """Lower/upper bounds (B, S) of ``C . f(x)`` over the context's input box.
 
     ``upper=False`` lets backward methods skip the upper bound (None), halving their last pass;
-    forward methods get both at no extra cost and return both.
+    forward methods get both at no extra cost and return both. A spec with no rows (S = 0) bounds
+    nothing at the output: only the activations' input bounds are computed (for
+    ``return_intermediate``, e.g. the ReLU relaxations of a COLT latent region).
     """
+    if C.shape[1] == 0:
+        for n in ctx.graph.activation_nodes():
+            pre_bounds(ctx, n.inputs[0])
+        empty = C.new_zeros(C.shape[:2])
+        return empty, (empty if upper else None)
     if method.final == "backward":
         return backward_bounds(ctx, ctx.graph.output, C, lambda i: pre_bounds(ctx, i), upper)
     if method.final == "alpha":

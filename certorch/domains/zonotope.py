@@ -1,10 +1,19 @@
 """Zonotopes ``center + sum_k G_k e_k`` (e in [-1, 1]) with optional Cauchy projections.
 
-Generators are kept in blocks (one per source of error terms: the input box, each ReLU layer),
-``blocks[k]`` of shape (B, m_k, *shape). A block marked *projected* holds ``r`` random Cauchy
+Generators are kept in blocks (exact: one per source of error terms, the input box and each
+ReLU layer; projected: one merged block, below), ``blocks[k]`` of shape (B, m_k, *shape). A block marked *projected* holds ``r`` random Cauchy
 projections ``G_k R`` instead of ``G_k``; its L1 row norms are then estimated by the median of
 absolute values (Wong et al. 2018, section 3.2) — an estimate for training, never a sound bound.
 This is also the convex region ``a + A e`` of COLT / MAAR (``center``, generators).
+
+Projected blocks are **merged**: a ReLU's new error terms are projected with their own
+independent Cauchy matrix and added into the existing projected block,
+``G R + M R' = [G, M] [R; R']``, which is again a Cauchy projection of all the generators
+together (each entry is a sum of independent standard Cauchy variables weighted by the
+generators, so Cauchy with scale equal to the L1 norm of that row). The median then estimates
+the L1 norm of all error terms at once, and each layer maps one (B, r, *shape) block instead of
+one per earlier ReLU layer (convex_adversarial keeps one per layer and sums their medians:
+also an estimate of the same norm; the merged one costs a constant number of maps per layer).
 """
 from __future__ import annotations
 
@@ -142,8 +151,12 @@ class Zonotope:
         """
         B, shape = mu.shape[0], mu.shape[1:]
         if projections:
-            G = cauchy_like((B, projections, *shape), mu, generator) * mu.unsqueeze(1)
-            return Zonotope(self.center, {**self.blocks, block_id: G}, self.projected | {block_id})
+            R = cauchy_like((B, projections, *shape), mu, generator)
+            into = self.projected_block(projections)
+            if into is not None:  # merged: sum of independent projections (see the class docstring)
+                return Zonotope(self.center, {**self.blocks, into: torch.addcmul(self.blocks[into], R, mu.unsqueeze(1))},
+                                self.projected)
+            return Zonotope(self.center, {**self.blocks, block_id: R.mul_(mu.unsqueeze(1))}, self.projected | {block_id})
         flat = mu.reshape(B, -1)
         idx = (flat != 0).any(dim=0).nonzero().flatten()
         if idx.numel() == 0:
@@ -151,6 +164,10 @@ class Zonotope:
         G = torch.zeros(B, idx.numel(), flat.shape[1], dtype=mu.dtype, device=mu.device)
         G.scatter_(2, idx.view(1, -1, 1).expand(B, -1, 1), flat[:, idx].unsqueeze(2))  # in place: one copy
         return Zonotope(self.center, {**self.blocks, block_id: G.view(B, idx.numel(), *shape)}, self.projected)
+
+    def projected_block(self, projections: int) -> int | None:
+        """Id of the projected block with ``projections`` columns (new ones merge into it), if any."""
+        return next((k for k in sorted(self.projected) if self.blocks[k].shape[1] == projections), None)
 
     def linear_bounds(self, A: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Bounds of ``A . z + bias`` with A: (B, S, *shape). Returns (lower, upper), each (B, S)."""

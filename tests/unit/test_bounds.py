@@ -254,3 +254,17 @@ def test_lower_only_bounds_equal_the_full_call(method, small):
     full = ct.bound(model, x, 0.01, method=method, y=y)
     low = ct.bound(model, x, 0.01, method=method, y=y, upper=False)
     assert torch.allclose(low.lower, full.lower, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_spec_without_rows_computes_only_the_activations_input_bounds(method, small):
+    """C with no rows: (B, 0) bounds, and the ReLUs' input bounds of the full call."""
+    model, x, y = small
+    full = ct.bound(model, x, 0.01, method=method, y=y, return_intermediate=True)
+    none = ct.bound(model, x, 0.01, method=method, C=torch.zeros(0, 10, dtype=torch.float64), return_intermediate=True)
+    assert none.lower.shape == (4, 0) and none.upper.shape == (4, 0)
+    relu_inputs = ["1", "3", "6"]  # mnist_small: conv, conv, linear before each ReLU
+    for name in relu_inputs:
+        assert torch.allclose(none.intermediate[name].lower, full.intermediate[name].lower, atol=1e-12), name
+        assert torch.allclose(none.intermediate[name].upper, full.intermediate[name].upper, atol=1e-12), name
+    assert "7" not in none.regions and "7" not in none.intermediate  # the last ReLU is never reached

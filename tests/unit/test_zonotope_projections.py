@@ -44,3 +44,46 @@ def test_cauchy_median_estimate_is_close_to_the_l1_norm():
     est = l1_estimate(torch.einsum("brm,bmn->brn", R, G), projected=True)
     exact = l1_estimate(G, projected=False)
     assert torch.allclose(est, exact, rtol=0.1)
+
+
+# ---------------------------------------------------------------- projected zonotope bounds
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 9),
+                               torch.nn.ReLU(), torch.nn.Linear(9, 3)).double()
+
+
+def _bound(model, x, projections, seed=0):
+    import certorch as ct
+
+    return ct.bound(model, x, 0.3, method="zonotope", projections=projections, return_intermediate=True,
+                    generator=torch.Generator().manual_seed(seed))
+
+
+def test_new_relu_error_terms_merge_into_the_one_projected_block():
+    """Each ReLU's projected error terms are added into the existing projected block: after two
+    ReLU layers the zonotope still has one block of r columns."""
+    model, x = _mlp(), torch.rand(2, 1, 6, dtype=torch.float64)
+    res = _bound(model, x, projections=7)
+    last_relu = res.regions["4"]
+    assert len(last_relu.blocks) == 1 and last_relu.terms() == 7
+
+
+def test_merged_projections_estimate_the_exact_zonotope_bounds():
+    """The merged block is a Cauchy projection of all error terms: with many projections the median
+    estimate of the second layer's radius is close to the exact zonotope's."""
+    model, x = _mlp(), torch.rand(2, 1, 6, dtype=torch.float64)
+    exact, est = _bound(model, x, None).intermediate["3"], _bound(model, x, 4001).intermediate["3"]
+    assert torch.allclose(est.center, exact.center, rtol=0, atol=1e-12)
+    assert torch.allclose(est.radius, exact.radius, rtol=0.1, atol=1e-9)
+
+
+def test_first_layer_bounds_are_exact_under_projections():
+    """Where the exact zonotope bound equals IBP's (the first affine layer) the projected zonotope
+    uses it: no random estimate there, whatever the generator."""
+    model, x = _mlp(), torch.rand(2, 1, 6, dtype=torch.float64)
+    exact = _bound(model, x, None).intermediate["1"]
+    for seed in (0, 1):
+        got = _bound(model, x, 5, seed).intermediate["1"]
+        assert torch.allclose(got.lower, exact.lower, rtol=0, atol=1e-12)
+        assert torch.allclose(got.upper, exact.upper, rtol=0, atol=1e-12)

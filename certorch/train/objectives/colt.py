@@ -126,7 +126,7 @@ def latent_region_of(
     relu: dict[int, tuple[Tensor, Tensor]] = {}
     if relus:
         with torch.no_grad():
-            C = torch.ones(1, _numel(graph.output_shape), dtype=x.dtype, device=x.device)  # one cheap spec row: only the boxes are used
+            C = torch.zeros(0, _numel(graph.output_shape), dtype=x.dtype, device=x.device)  # no spec rows: only the ReLUs' input bounds
             res = bound(model, x.detach(), eps, method="zonotope", C=C, lo=lo, hi=hi, return_intermediate=True,
                         projections=projections, upper=True)
         for n in relus:
