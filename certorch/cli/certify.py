@@ -6,7 +6,9 @@
 
 Writes ``OUT/results-eps{eps}.jsonl`` (one line per example; rerunning skips examples already
 there), ``OUT/counterexamples/`` (float64 counterexamples, safetensors), ``OUT/summary.json``
-and, for several eps, ``OUT/certified_vs_eps.png``.
+and, for several eps, ``OUT/certified_vs_eps.png``. A cascade run (``certorch train`` with
+``cascade:``) writes ``OUT/cascade-eps{eps}.json`` and ``OUT/cascade-eps{eps}.jsonl`` (one line per
+model and chunk of certificates; rerunning skips the certificates already there).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=8, help="examples per task")
     p.add_argument("--float64", action="store_true", help="run the model (clean pass, attacks) in float64 too")
     p.add_argument("--out", default=None, help="output folder (default: RUN/certify or runs/certify-MODEL)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _parse_eps(args) -> list[float]:
@@ -95,17 +98,35 @@ def load_model_and_data(args):
     return model.eval(), args.data, Path("runs") / f"certify-{args.run}"
 
 
-def read_done(path: Path) -> dict[int, dict]:
-    """Results already in a JSONL file, by example index (a truncated last line is ignored)."""
-    done = {}
+def _jsonl(path: Path, parse) -> list:
+    """``parse(row)`` of every JSON row of a results file, skipping a line that a kill cut short
+    (or any row ``parse`` cannot read)."""
+    out = []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
-                d = json.loads(line)
-                done[int(d["index"])] = d
+                out.append(parse(json.loads(line)))
             except (ValueError, KeyError, TypeError):
                 continue
-    return done
+    return out
+
+
+def open_append(path: Path):
+    """``path`` opened for appending rows; a last line cut short by a kill is ended first, so the
+    next row starts on a line of its own (the torn line stays unreadable and is skipped)."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a") as f:
+                f.write("\n")
+    return open(path, "a")
+
+
+def read_done(path: Path) -> dict[int, dict]:
+    """Results already in a JSONL file, by example index (a truncated last line is ignored)."""
+    return dict(_jsonl(path, lambda d: (int(d["index"]), d)))
 
 
 def summarize(rows: list[dict], eps: float) -> dict:
@@ -192,8 +213,9 @@ def run(args: argparse.Namespace) -> int:
             if args.float64:
                 x = x.to(torch.float64)
             y = ds.labels[todo]
-            bar = tqdm(total=len(ds.labels), initial=len(done), desc=f"certify eps={eps:g}", unit="ex")
-            with open(jsonl, "a") as f:
+            bar = tqdm(total=len(ds.labels), initial=len(done), desc=f"certify eps={eps:g}", unit="ex",
+                       disable=args.no_progress)
+            with open_append(jsonl) as f:
                 if todo:
                     for results in certify_sharded(model, x, y, eps, args.stages, args.timeout, index=todo,
                                                    workers=args.workers, address=args.address,
@@ -225,8 +247,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_cascade_done(path: Path) -> dict[tuple[int, int], bool]:
+    """``{(model, example index): verified}`` from a cascade JSONL (one row per model and chunk)."""
+    rows = _jsonl(path, lambda d: [((int(d["model"]), int(i)), bool(v)) for i, v in zip(d["index"], d["verified"], strict=True)])
+    return dict(pair for row in rows for pair in row)
+
+
 def _certify_cascade(args: argparse.Namespace, eps_list: list[float]) -> int:
     """``certorch certify CASCADE_RUN``: the paper's per-stage table and the sound cascade error."""
+    from tqdm import tqdm
+
     from certorch.cli.main import data_dir
     from certorch.data import load
     from certorch.train.cascade import stage_dirs
@@ -243,7 +273,19 @@ def _certify_cascade(args: argparse.Namespace, eps_list: list[float]) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "certify"
     out.mkdir(parents=True, exist_ok=True)
     for eps in eps_list:
-        rep = certify_cascade(models, ds.images, ds.labels, eps, args.stages, args.timeout, args.threads, args.chunk)
+        jsonl = out / f"cascade-eps{eps:g}.jsonl"
+        known = _read_cascade_done(jsonl)
+        bar = tqdm(desc=f"cascade eps={eps:g}", unit="ex", disable=args.no_progress)
+        with open_append(jsonl) as f:
+            def record(k: int, indices: list[int], verified: list[bool]) -> None:
+                f.write(json.dumps({"model": k, "index": indices, "verified": verified}) + "\n")
+                f.flush()
+                bar.set_postfix(model=k + 1, refresh=False)
+                bar.update(len(indices))
+
+            rep = certify_cascade(models, ds.images, ds.labels, eps, args.stages, args.timeout, args.threads,
+                                  args.chunk, known=known, record=record)
+        bar.close()
         (out / f"cascade-eps{eps:g}.json").write_text(json.dumps(rep, indent=2))
         print(f"eps={eps:g}, {rep['examples']} test examples, Algorithm 2 (the paper's rule, not sound):")
         print(format_table(rep["paper_rule"], ["stage", "certified_here", "robust_err", "std_err"]))

@@ -17,11 +17,14 @@ A cascade predicts with the first model that certifies an input, else with the l
   routed to a model j <= k, and each of those predicts ``y`` on the ball. (A non-monotone
   router such as CROWN with adaptive slopes gives no such guarantee.)
 
-Each certificate is one run of the verification pipeline (:func:`certify_batch`).
+Each certificate is one run of the verification pipeline (:func:`certify_batch`). Model k's
+certificate of example i is computed once (the paper rule runs model k where models 1..k-1 all
+failed, the sound rule where they all succeeded: disjoint sets for k >= 2), reported chunk by
+chunk through ``record`` and taken from ``known`` when given (resuming a killed run).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,22 +76,40 @@ def sound_rule(cert_eps: Sequence[Tensor], ibp_2eps: Sequence[Tensor] | None = N
 
 
 def certify_cascade(models: Sequence[nn.Module], x: Tensor, y: Tensor, eps: float, stages="pgd,ibp,crown,lp,milp",
-                    timeout: float = 60.0, threads: int = 1, chunk: int = 64, sound: bool = True) -> dict[str, Any]:
+                    timeout: float = 60.0, threads: int = 1, chunk: int = 64, sound: bool = True,
+                    known: Mapping[tuple[int, int], bool] | None = None,
+                    record: Callable[[int, list[int], list[bool]], None] | None = None) -> dict[str, Any]:
     """Report of a cascade on (N, ...) ``x`` with labels ``y``: the paper's per-stage table and,
     with ``sound``, the sound cascade robust error.
+
+    ``known``: ``{(model k, example index): verified}`` from an earlier run, not recomputed;
+    ``record(k, indices, verified)`` is called after every chunk certified here (progress,
+    persistence). Models are numbered from 0, examples by their position in ``x``.
 
     The sound rule needs model k's certificate at ``eps`` only where models 1..k-1 are all
     certified (elsewhere it cannot change the answer, see :func:`sound_rule`), so model k runs on
     those examples only, and model 1's certificates are the paper rule's (it runs on every
     example there). ``sound_certified[k]`` says on how many examples model k ran and how many it
     certified; model 1's single-model robust error is ``1 - certified / examples``."""
+    known = dict(known or {})
+
+    def verified(k: int, idx: Tensor) -> Tensor:
+        """Model k's certificates (n,) of examples ``idx`` (n,): ``known`` ones reused, the rest run."""
+        todo = idx[torch.tensor([(k, i) not in known for i in idx.tolist()], dtype=torch.bool)]
+        for part in todo.split(chunk) if todo.numel() else ():  # (split of an empty tensor yields one empty part)
+            v = _verified(models[k], x[part], y[part], eps, stages, timeout, threads, chunk)
+            known.update({(k, i): bool(b) for i, b in zip(part.tolist(), v.tolist())})
+            if record is not None:
+                record(k, part.tolist(), v.tolist())
+        return torch.tensor([known[(k, i)] for i in idx.tolist()], dtype=torch.bool)
+
     certified, preds = [], []
     remaining = torch.ones(len(y), dtype=torch.bool)
-    for model in models:  # paper rule: each model sees only what earlier ones did not certify
+    for k, model in enumerate(models):  # paper rule: each model sees only what earlier ones did not certify
         c = torch.zeros(len(y), dtype=torch.bool)
         idx = remaining.nonzero().flatten()
         if idx.numel():
-            c[idx] = _verified(model, x[idx], y[idx], eps, stages, timeout, threads, chunk)
+            c[idx] = verified(k, idx)
         with eval_mode(model), torch.no_grad():  # the caller's train/eval flags are restored
             p = next(model.parameters(), None)
             preds.append(torch.cat([model(xb.to(p.dtype)).argmax(1).cpu() for xb in x.split(chunk)]))
@@ -106,7 +127,7 @@ def certify_cascade(models: Sequence[nn.Module], x: Tensor, y: Tensor, eps: floa
                 c = torch.zeros(len(y), dtype=torch.bool)
                 idx = prefix.nonzero().flatten()
                 if idx.numel():
-                    c[idx] = _verified(m, x[idx], y[idx], eps, stages, timeout, threads, chunk)
+                    c[idx] = verified(k, idx)
             counts.append({"stage": k + 1, "evaluated": int(prefix.sum()), "certified": int((c & prefix).sum())})
             at_eps.append(c)
             prefix = prefix & c

@@ -217,11 +217,44 @@ def test_cascade_sound_rule_runs_model_k_only_where_models_before_it_certify(mon
     monkeypatch.setattr("certorch.bounds.api.certified", lambda m, xb, yb, e, method: torch.zeros(len(yb), dtype=torch.bool))
     x = torch.arange(5.0).view(5, 1)
     rep = cascade.certify_cascade(models, x, torch.zeros(5, dtype=torch.long), 0.1, chunk=2)
-    paper = [(0, [0, 1, 2, 3, 4]), (1, [2])]  # Algorithm 2: model 2 certifies the last one; model 3 idle
-    assert calls == paper + [(1, [0, 1, 3, 4]), (2, [0, 3])]
+    runs = [(k, i) for k, ids in calls for i in ids]  # (model, example) in the order certified, chunks joined
+    paper = [(0, i) for i in range(5)] + [(1, 2)]  # Algorithm 2: model 2 certifies the last one; model 3 idle
+    assert runs == paper + [(1, i) for i in (0, 1, 3, 4)] + [(2, 0), (2, 3)]
     assert rep["sound_robust_err"] == float((~cascade.sound_rule(table)).float().mean()) == pytest.approx(0.8)
     assert [c["evaluated"] for c in rep["sound_certified"]] == [5, 4, 2]
     assert [c["certified"] for c in rep["sound_certified"]] == [4, 2, 1]
+
+
+def test_cascade_certificates_are_recorded_and_known_ones_are_not_recomputed(monkeypatch):
+    """Every certificate computed is passed to ``record``; a rerun given them as ``known`` computes
+    nothing and reports the same."""
+    import certorch.verify.cascade as cascade
+
+    table = [torch.tensor([True, False, False, True]), torch.tensor([True, True, False, False])]
+    models = [nn.Linear(1, 2) for _ in table]
+    calls = []
+
+    def fake_verified(model, x, y, eps, stages, timeout, threads, chunk):
+        k = next(i for i, m in enumerate(models) if m is model)
+        calls.append(k)
+        return table[k][x.flatten().long()]
+
+    monkeypatch.setattr(cascade, "_verified", fake_verified)
+    monkeypatch.setattr("certorch.bounds.api.certified", lambda m, xb, yb, e, method: torch.zeros(len(yb), dtype=torch.bool))
+    x, y = torch.arange(4.0).view(4, 1), torch.zeros(4, dtype=torch.long)
+    recorded = {}
+
+    def record(k, indices, verified):
+        assert not any((k, i) in recorded for i in indices)  # each certificate computed once
+        recorded.update({(k, i): v for i, v in zip(indices, verified)})
+
+    first = cascade.certify_cascade(models, x, y, 0.1, chunk=3, record=record)
+    # model 1 on all four; model 2 on the two model 1 does not certify (paper) and the two it does (sound)
+    assert set(recorded) == {(0, i) for i in range(4)} | {(1, i) for i in range(4)}
+    assert all(recorded[(k, i)] == bool(table[k][i]) for k, i in recorded)
+    calls.clear()
+    again = cascade.certify_cascade(models, x, y, 0.1, chunk=3, known=recorded, record=record)
+    assert calls == [] and again == first
 
 
 def _cascade_cfg(**over) -> dict:
@@ -243,6 +276,30 @@ def test_cascade_routes_only_uncertified_examples_onward(tmp_path):
     # what stage 2 did not certify, among what it was trained on
     assert left.numel() == s2["train_examples"] - s2["train_certified"]
     assert (tmp_path / "c" / "stage_1" / "summary.json").is_file() and (tmp_path / "c" / "stage_2").is_dir()
+
+
+def test_certify_cli_resumes_a_killed_cascade_certification(tmp_path, capsys):
+    """``certorch certify CASCADE_RUN``: certificates go to a JSONL as they are computed; a rerun
+    after a kill (a torn last line) skips the ones there and writes the same report."""
+    from certorch.cli.main import main
+
+    run = tmp_path / "c"
+    fit_cascade(config_from_dict(_cascade_cfg(epochs=1)), run, log=lambda s: None)
+    args = [str(run), "--eps", "0.05", "--n", "30", "--stages", "ibp", "--chunk", "8", "--no-progress"]
+    assert main(["certify", *args]) == 0
+    report = json.loads((run / "certify" / "cascade-eps0.05.json").read_text())
+    jsonl = run / "certify" / "cascade-eps0.05.jsonl"
+    lines = jsonl.read_text().splitlines()
+    assert sum(len(json.loads(ln)["index"]) for ln in lines if json.loads(ln)["model"] == 0) == 30
+    jsonl.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])  # killed while writing line 3
+    assert main(["certify", *args]) == 0
+    after = jsonl.read_text().splitlines()
+    assert after[2] == lines[2][: len(lines[2]) // 2]  # the torn line was ended, not glued to a new row
+    rows = [json.loads(ln) for ln in after[3:]]  # rows written by the rerun
+    redone = {(r["model"], i) for r in rows for i in r["index"]}
+    kept = {(json.loads(ln)["model"], i) for ln in lines[:2] for i in json.loads(ln)["index"]}
+    assert redone and not (redone & kept)
+    assert json.loads((run / "certify" / "cascade-eps0.05.json").read_text()) == report
 
 
 def test_a_cascade_stage_with_every_example_certified_stops_the_cascade(tmp_path):
