@@ -103,8 +103,8 @@ def generator_counts(graph, ibp_boxes: dict | None, kind: str, projections: int 
     holds at each node, as a (B, N) float tensor (node order of ``graph``).
 
     ``zonotope``: input terms + one term per IBP-unstable neuron of every ReLU before the node
-    (``projections``: r at the input, 2r from the first ReLU on, and ``ibp_boxes`` is not read; ``ibp_boxes=None``:
-    no ReLU term at all, the certain minimum); ``symbolic``: 2 x input terms (the forms share one
+    (``projections``: r at the input, 2r from the first ReLU on, and ``ibp_boxes`` is not read;
+    ``ibp_boxes=None``: no ReLU term at all, the certain minimum); ``symbolic``: 2 x input terms (the forms share one
     coefficient tensor since commit dad3fe6, so this now also covers the maps' outputs that autograd
     keeps for a training step: cifar_small, batch 1, float32 with backward peaked at 0.39 GiB
     against this 0.49 GiB estimate; cifar_resnet in float64 without gradients at 1.7 against 5.3).

@@ -1,9 +1,10 @@
 """Zonotopes ``center + sum_k G_k e_k`` (e in [-1, 1]) with optional Cauchy projections.
 
 Generators are kept in blocks (exact: one per source of error terms, the input box and each
-ReLU layer; projected: one merged block, below), ``blocks[k]`` of shape (B, m_k, *shape). A block marked *projected* holds ``r`` random Cauchy
-projections ``G_k R`` instead of ``G_k``; its L1 row norms are then estimated by the median of
-absolute values (Wong et al. 2018, section 3.2) — an estimate for training, never a sound bound.
+ReLU layer; projected: one merged block, below), ``blocks[k]`` of shape (B, m_k, *shape). A
+block marked *projected* holds ``r`` random Cauchy projections ``G_k R`` instead of ``G_k``; its
+L1 row norms are then estimated by the median of absolute values (Wong et al. 2018, section
+3.2) — an estimate for training, never a sound bound.
 This is also the convex region ``a + A e`` of COLT / MAAR (``center``, generators).
 
 Projected blocks are **merged**: a ReLU's new error terms are projected with their own
