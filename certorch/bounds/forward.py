@@ -97,10 +97,10 @@ def _zono_input(ctx: BoundContext) -> Zonotope:
 
 
 def zonotope_box(ctx: BoundContext, idx: int) -> Box:
-    """Bounds of node ``idx`` from its zonotope (computed once, recorded in ctx.boxes)."""
-    if idx not in ctx.boxes:
-        ctx.boxes[idx] = ibp_box(ctx, idx) if _projected_but_ibp_exact(ctx, idx) else zonotope_region(ctx, idx).box()
-    return ctx.boxes[idx]
+    """Bounds of node ``idx`` from its zonotope (see :func:`_pre_box`), which is built only when
+    the box needs it (not for a cached box, nor where IBP's box is taken)."""
+    needs_region = idx not in ctx.boxes and not _projected_but_ibp_exact(ctx, idx)
+    return _pre_box(ctx, idx, zonotope_region(ctx, idx) if needs_region else None)
 
 
 def _projected_but_ibp_exact(ctx: BoundContext, idx: int) -> bool:
@@ -111,7 +111,8 @@ def _projected_but_ibp_exact(ctx: BoundContext, idx: int) -> bool:
 
 
 def _pre_box(ctx: BoundContext, idx: int, region) -> Box:
-    """Bounds of node ``idx`` from its region (computed once, recorded in ctx.boxes)."""
+    """Bounds of node ``idx`` from its region (computed once, recorded in ctx.boxes); ``region``
+    may be None where it is not read (a cached box, or IBP's exact box under projections)."""
     if idx not in ctx.boxes:
         ctx.boxes[idx] = ibp_box(ctx, idx) if _projected_but_ibp_exact(ctx, idx) else region.box()
     return ctx.boxes[idx]
