@@ -123,7 +123,7 @@ def _zono_relu(ctx: BoundContext, i: int, z: Zonotope, node) -> Zonotope:
     pre = _pre_box(ctx, node.inputs[0], z)
     lam, b_low, b_up = node.op.relaxation.parallel_lines(pre.lower, pre.upper)
     mu = (b_up - b_low) / 2
-    return z.scale(lam, b_low + mu).add_block(i, mu, ctx.projections, ctx.generator)
+    return z.scale_and_extend(lam, b_low + mu, mu, i, ctx.projections, ctx.generator)
 
 
 def _sym_relu(ctx: BoundContext, i: int, s: SymbolicInterval, node) -> SymbolicInterval:

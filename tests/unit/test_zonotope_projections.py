@@ -87,3 +87,49 @@ def test_first_layer_bounds_are_exact_under_projections():
         got = _bound(model, x, 5, seed).intermediate["1"]
         assert torch.allclose(got.lower, exact.lower, rtol=0, atol=1e-12)
         assert torch.allclose(got.upper, exact.upper, rtol=0, atol=1e-12)
+
+
+def test_one_cauchy_matrix_is_shared_by_the_batch():
+    """The batch's examples share one Cauchy matrix (each example's estimate keeps its
+    distribution; B times fewer draws): identical examples in one batch get identical estimates."""
+    model = _mlp()
+    x = torch.rand(1, 1, 6, dtype=torch.float64).expand(3, 1, 6).contiguous()
+    res = _bound(model, x, projections=5)
+    radius = res.intermediate["3"].radius
+    assert torch.equal(radius[0], radius[1]) and torch.equal(radius[0], radius[2])
+
+
+def test_a_shared_matrix_still_estimates_each_examples_own_norm():
+    """Examples with different generators, one shared projection: each estimate tracks its own
+    exact zonotope radius (the per-example estimator is unchanged)."""
+    model, x = _mlp(), torch.rand(4, 1, 6, dtype=torch.float64)
+    exact, est = _bound(model, x, None).intermediate["3"], _bound(model, x, 4001).intermediate["3"]
+    assert not torch.allclose(exact.radius[0], exact.radius[1], rtol=0.2)
+    assert torch.allclose(est.radius, exact.radius, rtol=0.1, atol=1e-9)
+
+
+@pytest.mark.parametrize("projections", [None, 6])
+def test_scale_and_extend_equals_scale_then_add_block_and_keeps_its_input(projections):
+    """The fused DeepZ ReLU image has scale + add_block's values, draws and gradients, and
+    leaves the zonotope it starts from as it was (the in-place update is on its own product)."""
+    from certorch.domains.box import Box
+    from certorch.domains.zonotope import Zonotope
+
+    g = torch.Generator().manual_seed(5)
+    box = Box.from_center_radius(torch.rand(2, 4, dtype=torch.float64, generator=g),
+                                 torch.rand(2, 4, dtype=torch.float64, generator=g))
+    z = Zonotope.from_box(box, projections, torch.Generator().manual_seed(0))
+    before = {k: G.clone() for k, G in z.blocks.items()}
+    s = torch.rand(2, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    mu = torch.rand(2, 4, dtype=torch.float64, generator=g)
+    outs, grads = [], []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        w = z.scale_and_extend(s, mu, mu, 1, projections, gen) if fused else z.scale(s, mu).add_block(1, mu, projections, gen)
+        outs.append(w)
+        grads.append(torch.autograd.grad(w.radius().sum(), s)[0])
+    assert outs[0].blocks.keys() == outs[1].blocks.keys()
+    for k in outs[0].blocks:
+        assert torch.equal(outs[0].blocks[k], outs[1].blocks[k])
+    assert torch.equal(grads[0], grads[1])
+    assert all(torch.equal(z.blocks[k], before[k]) for k in before)
