@@ -209,7 +209,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Write a checkpoint every ``every`` epochs (and after the last); keep the newest ``keep``."""
+    """Write a checkpoint every ``every`` epochs (and after the last); keep the newest ``keep``
+    (and, in a staged run, each stage's last)."""
 
     every: int = 1
     keep: int = 2

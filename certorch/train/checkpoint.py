@@ -306,9 +306,10 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def prune_checkpoints(folder: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, leftovers of older incomplete ones
-    and stale temporaries of killed writes (called by the single writer after each save)."""
+def prune_checkpoints(folder: str | Path, keep: int, milestones: frozenset[int] = frozenset()) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints and those of the epochs in
+    ``milestones`` (a staged run's stage ends), leftovers of older incomplete ones and stale
+    temporaries of killed writes (called by the single writer after each save)."""
     folder = Path(folder)
     clean_stale_temporaries(folder)
     ckpts = list_checkpoints(folder)
@@ -316,7 +317,7 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
         return
     complete = [p.name[: -len(".safetensors")] for p in ckpts]
     newest = int(_STEM.match(complete[-1]).group(1))
-    doomed = set(complete[: max(len(complete) - keep, 0)])
+    doomed = {c for c in complete[: max(len(complete) - keep, 0)] if int(_STEM.match(c).group(1)) not in milestones}
     for f in folder.glob("ckpt-*"):
         stem = f.name.split(".", 1)[0]
         m = _STEM.match(stem)

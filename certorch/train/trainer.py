@@ -274,7 +274,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.run_dir / ckpt.CKPT_DIR, epoch, self.model, to_dict(self.cfg), record, {**opt_t, **rng_t}, state_json
         )
-        ckpt.prune_checkpoints(self.run_dir / ckpt.CKPT_DIR, self.cfg.checkpoint.keep)
+        stage_ends = frozenset(plan.end for plan in self.stages) if self.staged else frozenset()  # kept: each stage's model
+        ckpt.prune_checkpoints(self.run_dir / ckpt.CKPT_DIR, self.cfg.checkpoint.keep, stage_ends)
         return path
 
     def _restore(self) -> None:

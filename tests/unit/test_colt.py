@@ -167,8 +167,24 @@ def test_staged_maar_run_resumes_exactly_and_logs_the_paper_metrics(tmp_path):
     assert first["stage"] == 0
 
 
+def test_eval_bounds_add_the_certified_accuracy_of_each_bound_to_every_evaluation():
+    """The paper's certified robustness after every stage: ``eval_bounds`` adds
+    ``verified_acc_<bound>``, the fraction ``bounds.certified`` proves on the held-out batch."""
+    import certorch.bounds as bounds
+
+    model, (x, y) = _cnn(), _digits_batch(32)
+    y = model(x).argmax(1)  # correctly classified, so that small eps certifies some
+    obj = build_objective("colt", {"eval_bounds": ["ibp", "crown"]})
+    got = obj.eval_metrics(model, x, y, 0.01)
+    for m in ("ibp", "crown"):
+        want = float(bounds.certified(model, x, y, 0.01, method=m).float().mean())
+        assert got[f"verified_acc_{m}"] == want
+    assert 0 < got["verified_acc_crown"] and "latent_acc" not in got
+
+
 @pytest.mark.parametrize("change, message", [
     ({"stages": [{"epochs": 1}] * 5}, "5 stages but only 4 latent layers"),
+    ({"method": {"name": "colt", "params": {"eval_bounds": ["nope"]}}}, "nope"),
     ({"method": {"name": "colt", "params": {"layers": ["input", "nope"]}}, "stages": [{"epochs": 1}] * 2},
      "colt: no layer named 'nope'"),
     ({"method": {"name": "colt", "params": {"layers": ["8"]}}, "stages": None}, "layer '8' is the output"),

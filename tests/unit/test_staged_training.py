@@ -78,6 +78,17 @@ def test_staged_resume_equals_uninterrupted(tmp_path, stop):
     assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
 
 
+def test_each_stages_last_checkpoint_survives_pruning(tmp_path):
+    """checkpoint.keep bounds the rolling checkpoints, not the stage ends: the model of every
+    stage stays on disk (the paper's metrics after every stage can be computed from it)."""
+    from certorch.train.checkpoint import list_checkpoints
+
+    cfg = config_from_dict(staged_cfg(stages=[{"epochs": 2}, {"epochs": 3, "freeze": "3"}], checkpoint={"keep": 1}))
+    Trainer(cfg, tmp_path / "r", log=quiet).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")] == ["ckpt-0002.safetensors",
+                                                                                  "ckpt-0005.safetensors"]
+
+
 def test_frozen_prefix_keeps_weights_and_batchnorm_statistics(tmp_path):
     cfg = config_from_dict(staged_cfg(stages=[{"epochs": 1}, {"epochs": 2, "freeze": "3"}]))
     tr = Trainer(cfg, tmp_path / "r", log=quiet)

@@ -30,7 +30,15 @@ from certorch.errors import require
 from certorch.train.objectives.base import LossOutput, Objective, TrainState, register_objective
 from certorch.train.robust_loss import fused_cross_entropy_bound, robust_cross_entropy
 
-__all__ = ["CertifiedTraining", "robust_cross_entropy"]
+__all__ = ["CertifiedTraining", "robust_cross_entropy", "verified_accuracies"]
+
+
+def verified_accuracies(model: nn.Module, x: Tensor, y: Tensor, eps: float, methods: list[str]) -> dict[str, float]:
+    """``verified_acc_<method>``: the fraction of (N, ...) ``x`` with (N,) labels ``y`` that
+    ``bounds.certified`` proves robust at ``eps`` with each bound method (exact, float64, eval
+    semantics: certificates, never training estimates). The one evaluation metric of every
+    objective's ``eval_bounds``."""
+    return {f"verified_acc_{m}": float(bounds.certified(model, x, y, eps, method=m).float().mean()) for m in methods}
 
 
 @register_objective("certified")
@@ -101,10 +109,7 @@ class CertifiedTraining(Objective):
     def eval_metrics(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> dict[str, float]:
         if eps <= 0:
             return {}
-        out = {}
-        for method in self.params.eval_bounds:
-            ok = bounds.certified(model, x, y, eps, method=method)
-            out[f"verified_acc_{method}"] = float(ok.float().mean())
+        out = verified_accuracies(model, x, y, eps, self.params.eval_bounds)
         if self.params.projections is not None:  # the training estimate, for comparison (not a certificate)
             with torch.no_grad():
                 g = torch.Generator(device=x.device).manual_seed(0)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -44,12 +44,14 @@ from torch import Tensor, nn
 from certorch.attacks.base import frozen_parameters
 from certorch.attacks.latent import cut_nodes, forward_from
 from certorch.bounds.api import bound
+from certorch.bounds.methods import get_method
 from certorch.errors import CertorchError, UnsupportedOperationError, require
 from certorch.graph.capture import capture
 from certorch.graph.ir import Graph, Node
 from certorch.nn.mode import eval_mode
 from certorch.spec import linf_ball
 from certorch.train.objectives.base import LossOutput, Objective, TrainState, register_objective
+from certorch.train.objectives.certified import verified_accuracies
 
 __all__ = ["LatentRegion", "latent_region_of", "latent_pgd", "consistency_kl", "misclassification_weight",
            "COLT", "MAT", "MAAR"]
@@ -188,8 +190,10 @@ class _LatentTraining(Objective):
         eval_latent_steps: int = 0
         eval_latent_step_size: float = 0.01
         eval_latent_layer: str | int | None = None
+        eval_bounds: list[str] = field(default_factory=list)  # certify the held-out set with these at evaluation
 
         def __post_init__(self) -> None:
+            self.eval_bounds = [get_method(b).name for b in self.eval_bounds]
             require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
             require(self.step_size > 0, f"step_size must be > 0, got {self.step_size}")
             require(self.projections is None or self.projections >= 1, f"projections must be >= 1 or null, got {self.projections}")
@@ -337,18 +341,22 @@ class _LatentTraining(Objective):
         return self.params.l1 * torch.stack(ws).sum() if ws else None
 
     def eval_metrics(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> dict[str, float]:
-        """``latent_acc`` (Eq. 26): correct on ``x`` and on the latent attack of
+        """``verified_acc_<m>`` for each bound method ``m`` of ``eval_bounds`` (certificates, as
+        every objective's) and ``latent_acc`` (Eq. 26): correct on ``x`` and on the latent attack of
         ``eval_latent_steps`` steps of ``eval_latent_step_size`` at ``eval_latent_layer`` (default:
         the current stage's layer); only when ``eval_latent_steps > 0``."""
         p = self.params
-        if p.eval_latent_steps <= 0 or eps <= 0:
+        if eps <= 0:
             return {}
+        out = verified_accuracies(model, x, y, eps, p.eval_bounds)
+        if p.eval_latent_steps <= 0:
+            return out
         graph = capture(model, tuple(x.shape[1:]))
         node = self._node(graph, p.eval_latent_layer) if p.eval_latent_layer else self.layer_for(graph, self._stage)
         latent = self.adversarial_latent(model, graph, node, x, y, eps, p.eval_latent_steps, p.eval_latent_step_size)
         with torch.no_grad(), eval_mode(model):
             ok = (model(x).argmax(1) == y) & (self.rest(model, graph, node)(latent).argmax(1) == y)
-        return {"latent_acc": float(ok.float().mean())}
+        return {**out, "latent_acc": float(ok.float().mean())}
 
 
 @register_objective("colt")

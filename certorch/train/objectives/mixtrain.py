@@ -28,7 +28,7 @@ from torch import Tensor, nn
 import certorch.bounds as bounds
 from certorch.errors import CertorchError, require
 from certorch.train.objectives.base import LossOutput, Objective, TrainState, register_objective
-from certorch.train.objectives.certified import robust_cross_entropy
+from certorch.train.objectives.certified import robust_cross_entropy, verified_accuracies
 
 
 def sample_indices(batch: int, k: int, seed: int, step: int, device: torch.device | str = "cpu") -> Tensor:
@@ -145,8 +145,7 @@ class MixTrain(Objective):
     def eval_metrics(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> dict[str, float]:
         if eps <= 0:
             return {}
-        out = {f"verified_acc_{m}": float(bounds.certified(model, x, y, eps, method=m).float().mean())
-               for m in self.params.eval_bounds}
+        out = verified_accuracies(model, x, y, eps, self.params.eval_bounds)
         if self.params.era:
             from certorch.attacks import build_attack
 
