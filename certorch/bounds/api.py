@@ -28,8 +28,10 @@ class BoundResult:
     function: Cauchy-projection estimates (``projections=r``) and bounds that use the batch's
     own BatchNorm statistics (a model in training mode). Every consumer that certifies checks it.
     ``intermediate`` maps node names to the bounds of that node (per-layer access), filled
-    when ``return_intermediate=True``; ``regions`` holds forward abstract values
-    (zonotopes / symbolic intervals) by node name for the forward methods. ``extra`` holds
+    when ``return_intermediate`` is ``True`` or ``"boxes"``; ``regions`` holds forward abstract
+    values (zonotopes / symbolic intervals) by node name for the forward methods, filled only
+    when it is ``True`` (``"boxes"`` frees each region as soon as its users are computed: far
+    less memory for projected zonotopes, whose regions are (B, r, *shape) each). ``extra`` holds
     method outputs: ``extra["alpha"]`` is alpha-CROWN's :class:`~certorch.bounds.alpha.AlphaState`
     (its optimised slopes, for a warm start with ``alpha_state=``).
     """
@@ -89,7 +91,7 @@ def bound(
     slope: str | None = None,
     projections: int | None = None,
     dtype: torch.dtype | None = None,
-    return_intermediate: bool = False,
+    return_intermediate: bool | str = False,
     generator: torch.Generator | None = None,
     max_elements: int | None = None,
     memory_budget: int | None = None,
@@ -185,7 +187,7 @@ def bound_many(
     slope: str | None = None,
     projections: int | None = None,
     dtype: torch.dtype | None = None,
-    return_intermediate: bool = False,
+    return_intermediate: bool | str = False,
     generator: torch.Generator | None = None,
     max_elements: int | None = None,
     memory_budget: int | None = None,
@@ -208,6 +210,9 @@ def bound_many(
     the IBP bound). ``projections`` applies to the methods that support it.
     """
     ms = [get_method(name) for name in methods]
+    if return_intermediate not in (False, True, "boxes"):
+        raise CertorchError(f"return_intermediate must be True, False or 'boxes', got {return_intermediate!r}")
+    keep_regions = return_intermediate is True
     if not ms:
         raise CertorchError("give at least one bound method")
     if slope is not None:
@@ -248,7 +253,7 @@ def bound_many(
     base = BoundContext(
         graph=graph, box=box, x=x, dtype=dtype, generator=generator,
         max_elements=max_elements or memory.max_elements_for(budget, itemsize), patches=patches,
-        memory_budget=budget, deadline=deadline, keep_regions=return_intermediate, options=options,
+        memory_budget=budget, deadline=deadline, keep_regions=keep_regions, options=options,
         splits=_check_splits(graph, splits, x.shape[0], x.device),
         given=_check_given(graph, intermediate_bounds, x.shape[0], dtype, x.device),
         refine=_check_refine(graph, refine_intermediate, intermediate_bounds),
@@ -269,7 +274,7 @@ def bound_many(
             ctx = shared[key] = replace(base, intermediate=inter, slope=s, projections=proj, boxes={},
                                         regions={}, forward_done=set(), ibp_boxes=base.ibp_boxes, _maps=base._maps)
             ctx._values = base._values
-        out[m.name] = _run_chunked(m, ctx, spec, upper, budget, itemsize, return_intermediate,
+        out[m.name] = _run_chunked(m, ctx, spec, upper, budget, itemsize, bool(return_intermediate),
                                    proj is None and not batch_stats)
         base._values = ctx._values
     return out
@@ -279,7 +284,7 @@ def _run_chunked(m, ctx: BoundContext, spec: Tensor, upper: bool, budget: int, i
                  return_intermediate: bool, sound: bool) -> BoundResult:
     """One method on ``ctx``, in chunks of examples when the batch does not fit the budget."""
     graph, box, x = ctx.graph, ctx.box, ctx.x
-    chunk = _plan_chunk(m, ctx, budget, itemsize, return_intermediate, spec.shape[1])
+    chunk = _plan_chunk(m, ctx, budget, itemsize, ctx.keep_regions, spec.shape[1])
     if chunk >= ctx.batch:
         try:
             lower, up = run_method(m, ctx, spec, upper)
@@ -440,6 +445,8 @@ def _expose(result: BoundResult, graph, ctxs: list[BoundContext]) -> None:
             parts = [b[i] for b in boxes]
             result.intermediate[names[i]] = parts[0] if len(parts) == 1 else Box(
                 torch.cat([p.lower for p in parts]), torch.cat([p.upper for p in parts]))
+    if not ctxs[0].keep_regions:  # return_intermediate="boxes": whatever regions are left are not the caller's
+        return
     for i in sorted(ctxs[0].regions):
         parts = [c.regions[i] for c in ctxs if i in c.regions]
         if len(parts) == len(ctxs):

@@ -117,7 +117,7 @@ def tightness(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str) -
     """Mean width of the margin bounds, fraction of examples certified (all margins > 0, among
     all examples), and unstable ReLUs per example under ``method``'s intermediate bounds."""
     with torch.no_grad():
-        res = bounds.bound(model, x, eps, method=method, y=y, return_intermediate=True)
+        res = bounds.bound(model, x, eps, method=method, y=y, return_intermediate="boxes")
     graph = capture(model, tuple(x.shape[1:]))
     pre = [graph.nodes[n.inputs[0]].name for n in graph.activation_nodes()]
     unstable = 0.0

@@ -268,3 +268,22 @@ def test_a_spec_without_rows_computes_only_the_activations_input_bounds(method, 
         assert torch.allclose(none.intermediate[name].lower, full.intermediate[name].lower, atol=1e-12), name
         assert torch.allclose(none.intermediate[name].upper, full.intermediate[name].upper, atol=1e-12), name
     assert "7" not in none.regions and "7" not in none.intermediate  # the last ReLU is never reached
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_intermediate_boxes_without_regions(method, small):
+    """``return_intermediate="boxes"``: the same bounds and intermediate boxes as ``True``, and
+    no forward regions kept (each is freed once its users are computed)."""
+    model, x, y = small
+    full = ct.bound(model, x, 0.01, method=method, y=y, return_intermediate=True)
+    boxes = ct.bound(model, x, 0.01, method=method, y=y, return_intermediate="boxes")
+    assert torch.equal(boxes.lower, full.lower) and torch.equal(boxes.upper, full.upper)
+    assert boxes.intermediate.keys() == full.intermediate.keys() and boxes.regions == {}
+    for name, b in full.intermediate.items():
+        assert torch.equal(boxes.intermediate[name].lower, b.lower) and torch.equal(boxes.intermediate[name].upper, b.upper)
+
+
+def test_return_intermediate_takes_true_false_or_boxes(small):
+    model, x, y = small
+    with pytest.raises(CertorchError, match="return_intermediate must be True, False or 'boxes', got 'regions'"):
+        ct.bound(model, x, 0.01, y=y, return_intermediate="regions")

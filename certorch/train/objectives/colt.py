@@ -129,7 +129,7 @@ def latent_region_of(
     if relus:
         with torch.no_grad():
             C = torch.zeros(0, _numel(graph.output_shape), dtype=x.dtype, device=x.device)  # no spec rows: only the ReLUs' input bounds
-            res = bound(model, x.detach(), eps, method="zonotope", C=C, lo=lo, hi=hi, return_intermediate=True,
+            res = bound(model, x.detach(), eps, method="zonotope", C=C, lo=lo, hi=hi, return_intermediate="boxes",
                         projections=projections, upper=True)
         for n in relus:
             pre = res.intermediate[graph.nodes[n.inputs[0]].name]
