@@ -10,7 +10,21 @@ import json
 NAME = "report"
 HELP = "print the summary table of a run (directory or checkpoint)"
 
-EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "eps", "lr", "eval_loss", "nat_acc", "pgd_acc", "seconds"]
+EPOCH_COLUMNS = ["epoch", "stage", "train_loss", "train_acc", "eps", "lr", "eval_loss", "nat_acc", "pgd_acc", "seconds"]
+STAGE_COLUMNS = ["stage", "name", "freeze", "epochs_done", "seconds", "nat_acc", "pgd_acc"]
+
+
+def metric_columns(records: list[dict]) -> list[str]:
+    """The objectives' evaluation accuracies (``latent_acc``, ``verified_acc_crown``, ``cert_acc``,
+    ...) and COLT's training verified error (Eq. 25) found in ``records``, in first-seen order."""
+    out: list[str] = []
+    for r in records:
+        for k in r:
+            if k in out or k in EPOCH_COLUMNS:
+                continue
+            if (k.endswith("_acc") or "_acc_" in k) and not k.startswith("train_") or k == "train_verified_error":
+                out.append(k)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +68,15 @@ def run(args: argparse.Namespace) -> int:
     print(format_table([{k: summary.get(k) for k in keys if k in summary}]))
     if history:
         cols = [c for c in EPOCH_COLUMNS if any(c in r for r in history)]
+        cols[-1:-1] = metric_columns(history)  # before seconds
         print()
         print(format_table(history, cols))
+    stages = summary.get("stages")
+    if isinstance(stages, list) and stages and all(isinstance(st, dict) for st in stages):
+        rows = [{**(st.get("final") if isinstance(st.get("final"), dict) else {}),
+                 **{k: "" if st.get(k) is None else st.get(k) for k in ("stage", "name", "freeze", "epochs_done", "seconds")}}
+                for st in stages]
+        print()
+        print("after each stage:")
+        print(format_table(rows, STAGE_COLUMNS + metric_columns(rows)))
     return 0

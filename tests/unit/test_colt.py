@@ -182,6 +182,23 @@ def test_eval_bounds_add_the_certified_accuracy_of_each_bound_to_every_evaluatio
     assert 0 < got["verified_acc_crown"] and "latent_acc" not in got
 
 
+def test_report_shows_the_paper_metrics_after_each_stage(tmp_path, capsys):
+    """``certorch report`` of a staged COLT run: one row per stage with its held-out clean, PGD,
+    latent (Eq. 26) and CROWN-certified accuracy and the training verified error (Eq. 25)."""
+    from certorch.cli.main import main
+
+    params = {"steps": 2, "projections": 5, "eval_latent_steps": 2, "eval_bounds": ["crown"]}
+    cfg = config_from_dict(_colt_cfg(method={"name": "colt", "params": params}))
+    Trainer(cfg, tmp_path / "r", log=lambda s: None).fit()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out.split("after each stage:\n")[1].splitlines()
+    head = out[0].split()
+    assert head[:2] == ["stage", "name"] and {"nat_acc", "pgd_acc", "latent_acc", "verified_acc_crown",
+                                              "train_verified_error"} <= set(head)
+    assert [line.split()[0] for line in out[2:]] == ["0", "1"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"stages": [{"epochs": 1}] * 5}, "5 stages but only 4 latent layers"),
     ({"method": {"name": "colt", "params": {"eval_bounds": ["nope"]}}}, "nope"),
