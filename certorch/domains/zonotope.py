@@ -22,6 +22,8 @@ the distribution it has with a matrix of its own (the median of r independent Ca
 of scale ``||row||_1``); only the estimates of different examples of one batch are correlated.
 It draws B times fewer random numbers (convex_adversarial draws one matrix per example: at
 ``colt_mnist``'s ReLU "4", batch 100, r = 50, the draws were a quarter of the region's time).
+The median itself is numpy's introselect on the CPU (see :func:`_abs_lower_median`): it is
+written here, not taken from ``torch.median``, because that was the largest single cost left.
 """
 from __future__ import annotations
 
@@ -43,23 +45,47 @@ def cauchy_like(shape, ref: Tensor, generator: torch.Generator | None = None) ->
     return u.sub_(0.5).mul_(torch.pi).tan_()
 
 
+def _abs_lower_median(Gt: Tensor, need_index: bool) -> tuple[Tensor, Tensor | None]:
+    """``|Gt|``'s lower median over the last dim (``torch.median``'s value: the ``(m - 1) // 2``-th
+    smallest of m) and, if ``need_index``, the index of an entry holding it.
+
+    On the CPU the selection is numpy's introselect (``ndarray.partition``, in place on our own
+    buffer): 3-6x faster than ``torch.median`` over 50 projections (measured, torch 2.13, numpy
+    2.4); the index is then the first entry equal to the median (one more pass, only when a
+    gradient is needed). Elsewhere (CUDA, half precision), or with a NaN present (numpy sorts
+    it last and would hide it; ``torch.median`` propagates it), ``torch.median``."""
+    A = torch.empty(Gt.shape, dtype=Gt.dtype, device=Gt.device)
+    torch.abs(Gt, out=A)  # |G| straight into the layout the selection runs in
+    if A.device.type != "cpu" or A.dtype not in (torch.float32, torch.float64) or A.numel() == 0 \
+            or bool(torch.isnan(A).any()):
+        values, idx = A.median(dim=-1)
+        return values, idx
+    k = (A.shape[-1] - 1) // 2
+    A.numpy().partition(k, axis=-1)
+    values = A[..., k].clone()
+    if not need_index:
+        return values, None
+    torch.abs(Gt, out=A)  # the selection reordered the buffer
+    return values, torch.eq(A, values.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)
+
+
 class _MedianAbs(torch.autograd.Function):
     """``|G|.median(dim=1).values`` for G (B, m, *shape), with less memory traffic than autograd's.
 
-    Forward: |G| is written straight into a (B, *shape, m) buffer, the layout ``median`` selects
-    in (it would otherwise copy |G| into it). Backward: the gradient reaches the selected entry of
-    each column only, times its sign (autograd's version keeps |G| and runs a full-size ``sgn``
-    and product). Same values, indices and gradients (tested)."""
+    Forward: |G| is written straight into a (B, *shape, m) buffer, the layout the selection runs
+    in (:func:`_abs_lower_median`; no index without a gradient to route). Backward: the gradient
+    reaches the selected entry of each column only, times its sign (autograd's version keeps |G|
+    and runs a full-size ``sgn`` and product). Same values and gradients as autograd's median
+    (tested; where several entries of a column tie at the median any of them may be the one)."""
 
     @staticmethod
     def forward(ctx, G: Tensor) -> Tensor:
-        Gt = G.movedim(1, -1)
-        A = torch.empty(Gt.shape, dtype=G.dtype, device=G.device)
-        torch.abs(Gt, out=A)
-        values, idx = A.median(dim=-1)
+        values, idx = _abs_lower_median(G.movedim(1, -1), ctx.needs_input_grad[0])
+        ctx.shape = G.shape
+        if idx is None:
+            return values
         idx = idx.unsqueeze(1)
         ctx.save_for_backward(idx, G.gather(1, idx).sign())
-        ctx.shape = G.shape
         return values
 
     @staticmethod

@@ -13,6 +13,16 @@ def test_median_estimate_equals_the_median_of_absolute_values(shape):
     assert torch.equal(l1_estimate(G, projected=True), G.abs().median(dim=1).values)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_median_estimate_propagates_nan(requires_grad):
+    """A NaN among the projections makes that column's estimate NaN (never a finite number that
+    hides it), with or without a gradient to route."""
+    G = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    G[1, 3, 2] = float("nan")
+    est = l1_estimate(G.requires_grad_(requires_grad), projected=True)
+    assert torch.isnan(est[1, 2]) and int(torch.isnan(est).sum()) == 1
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_median_estimate_has_the_gradient_of_autograds_median(transposed):
     g = torch.Generator().manual_seed(1)
