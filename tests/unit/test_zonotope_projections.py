@@ -143,3 +143,16 @@ def test_scale_and_extend_equals_scale_then_add_block_and_keeps_its_input(projec
         assert torch.equal(outs[0].blocks[k], outs[1].blocks[k])
     assert torch.equal(grads[0], grads[1])
     assert all(torch.equal(z.blocks[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("threads", [1, 16])
+def test_median_estimate_is_the_same_whichever_selection_runs(threads):
+    """numpy's selection (few torch threads) and torch.median (many) give the same estimate."""
+    G = torch.randn(3, 50, 20, generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = l1_estimate(G, projected=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, G.abs().median(dim=1).values)
