@@ -53,9 +53,10 @@ def _abs_lower_median(Gt: Tensor, need_index: bool) -> tuple[Tensor, Tensor | No
     smallest of m) and, if ``need_index``, the index of an entry holding it.
 
     On the CPU the selection is numpy's introselect (``ndarray.partition``, in place on our own
-    buffer): 5-7x faster than a one-thread ``torch.median`` over 50 projections, 5x faster than a
-    two-thread one (measured, torch 2.13, numpy 2.4); the index is then the first entry equal to
-    the median (one more pass, only when a gradient is needed). numpy's selection runs on one
+    buffer): 3-7x faster than a one-thread ``torch.median`` over 50 projections, 5x faster than a
+    two-thread one (measured, torch 2.13, numpy 2.4, loaded 2-core VM); the index is then the
+    first entry equal to the median (one more pass, only when a gradient is needed: 1.7x faster
+    than ``torch.median`` with it). numpy's selection runs on one
     thread, ``torch.median``'s on all of torch's: beyond :data:`NUMPY_MEDIAN_MAX_THREADS` threads
     (not measured here) torch's is used. Also elsewhere (CUDA, half precision), and with a NaN
     present (numpy sorts it last and would hide it; ``torch.median`` propagates it)."""
