@@ -380,11 +380,13 @@ def report(args, results: dict, scaling: dict, elapsed: float) -> str:
         "- *2x over convex_adversarial with projections*: read the `dual r=` ratio rows. convex_adversarial pushes "
         "r Cauchy projections per ReLU layer through every later layer and takes one median per layer; certorch "
         "adds each layer's projections into one block (one map and one median per layer, whatever the depth) and "
-        "uses IBP's exact box at the first layer (since the eleventh session; before, 0.96-1.5x). What remains is "
-        "the same in both: convolutions over r x batch projected images and `torch.median` over r values per "
-        "neuron, so the ratio is largest for deeper nets and smallest where one layer dominates.",
+        "uses IBP's exact box at the first layer (since the eleventh session; before, 0.96-1.5x); since the "
+        "twelfth, one Cauchy matrix per layer is shared by the batch (convex_adversarial draws one per example) "
+        "and the median over r values per neuron is numpy's introselect on the CPU (convex_adversarial: "
+        "`torch.median`). What remains is mostly the same in both, convolutions over r x batch projected "
+        "images, so the ratio is largest for deeper nets and smallest where one layer dominates.",
         "- *Linear growth of `dual(r)`*: memory grows about linearly with the hidden units (x2 widths: about 1.7x). "
-        "Time grows 2-3.4x because doubling every width doubles both fan-in and fan-out of each layer, so each "
+        "Time grows more (2-6x across the runs here) because doubling every width doubles both fan-in and fan-out of each layer, so each "
         "convolution and matrix product costs 4x (the natural pass grows the same way); the projection terms "
         "themselves stay linear.",
     ]
