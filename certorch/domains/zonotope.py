@@ -189,28 +189,25 @@ class Zonotope:
         image), same values and draws, with the merged projected block updated in place on the
         product ``scale`` has just made (no one else holds it): one full-size pass and
         allocation fewer per layer."""
-        z = self.scale(s, shift)
-        into = z.projected_block(projections) if projections else None
-        if into is None:
-            return z.add_block(block_id, mu, projections, generator)
-        R = cauchy_like((1, projections, *mu.shape[1:]), mu, generator)
-        z.blocks[into].addcmul_(R, mu.unsqueeze(1))
-        return z
+        return self.scale(s, shift).add_block(block_id, mu, projections, generator, in_place=True)
 
-    def add_block(self, block_id: int, mu: Tensor, projections: int | None = None, generator=None) -> "Zonotope":
+    def add_block(self, block_id: int, mu: Tensor, projections: int | None = None, generator=None,
+                  in_place: bool = False) -> "Zonotope":
         """Add new independent error terms ``mu_i * e_i`` for positions with mu != 0.
 
         Exact: one generator per position that is nonzero for some example (union over the
         batch), as a (B, k, *shape) block. Projected: ``r`` Cauchy projections ``mu * R``, ``R``
-        (1, r, *shape) shared by the batch (see the class docstring).
+        (1, r, *shape) shared by the batch (see the class docstring). ``in_place``: add them into
+        the existing projected block itself (only for a block no other zonotope holds).
         """
         B, shape = mu.shape[0], mu.shape[1:]
         if projections:
             R = cauchy_like((1, projections, *shape), mu, generator)
             into = self.projected_block(projections)
             if into is not None:  # merged: sum of independent projections (see the class docstring)
-                return Zonotope(self.center, {**self.blocks, into: torch.addcmul(self.blocks[into], R, mu.unsqueeze(1))},
-                                self.projected)
+                G = self.blocks[into]
+                merged = G.addcmul_(R, mu.unsqueeze(1)) if in_place else torch.addcmul(G, R, mu.unsqueeze(1))
+                return Zonotope(self.center, {**self.blocks, into: merged}, self.projected)
             return Zonotope(self.center, {**self.blocks, block_id: R * mu.unsqueeze(1)}, self.projected | {block_id})
         flat = mu.reshape(B, -1)
         idx = (flat != 0).any(dim=0).nonzero().flatten()
