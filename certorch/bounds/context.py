@@ -28,6 +28,7 @@ class BoundContext:
     intermediate: str = "ibp"  # how pre-activation bounds are computed: ibp | crown | zonotope | symbolic
     slope: str = "adaptive"  # ReLU lower slope for backward passes
     projections: int | None = None  # Cauchy projections for zonotope / dual intermediate bounds
+    projection_dtype: torch.dtype | None = None  # dtype of the projected generator block (None: ``dtype``)
     generator: torch.Generator | None = None
     max_elements: int = 2**27  # largest coefficient tensor a backward pass may build (chunks the spec)
     patches: bool = True  # window coefficients for intermediate bounds of conv maps (False: dense)

@@ -83,9 +83,11 @@ def _check_memory(ctx: BoundContext, i: int) -> None:
         ins = [ctx.regions[j] for j in node.inputs]
         per_neuron = max(r.terms() for r in ins)
         if node.is_activation and isinstance(ins[0], Zonotope):
-            pre = _pre_box(ctx, node.inputs[0], ins[0])
-            unstable = node.op.relaxation.needs_bounds(pre.lower, pre.upper).flatten(1).any(0).sum()
-            per_neuron += ctx.projections or int(unstable)
+            if ctx.projections:  # r new columns, merged into the projected block
+                per_neuron += ctx.projections
+            else:  # one generator per neuron unstable for some example
+                pre = _pre_box(ctx, node.inputs[0], ins[0])
+                per_neuron += int(node.op.relaxation.needs_bounds(pre.lower, pre.upper).flatten(1).any(0).sum())
         item = ins[0].center.element_size()
         new = ctx.batch * per_neuron * node.numel * item
     live = sum(_nbytes(r) for r in ctx.regions.values())
@@ -93,7 +95,7 @@ def _check_memory(ctx: BoundContext, i: int) -> None:
 
 
 def _zono_input(ctx: BoundContext) -> Zonotope:
-    return Zonotope.from_box(ctx.box, ctx.projections, ctx.generator, block_id=0)
+    return Zonotope.from_box(ctx.box, ctx.projections, ctx.generator, block_id=0, projection_dtype=ctx.projection_dtype)
 
 
 def zonotope_box(ctx: BoundContext, idx: int) -> Box:
@@ -123,7 +125,9 @@ def _zono_relu(ctx: BoundContext, i: int, z: Zonotope, node) -> Zonotope:
     pre = _pre_box(ctx, node.inputs[0], z)
     lam, b_low, b_up = node.op.relaxation.parallel_lines(pre.lower, pre.upper)
     mu = (b_up - b_low) / 2
-    return z.scale_and_extend(lam, b_low + mu, mu, i, ctx.projections, ctx.generator)
+    j = node.inputs[0]  # the pre-activation zonotope: nothing reads it after its only user
+    consume = not ctx.keep_regions and ctx.graph.users[j] == [i]
+    return z.scale_and_extend(lam, b_low + mu, mu, i, ctx.projections, ctx.generator, consume=consume)
 
 
 def _sym_relu(ctx: BoundContext, i: int, s: SymbolicInterval, node) -> SymbolicInterval:

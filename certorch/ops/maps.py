@@ -12,6 +12,7 @@ offsets never depend on the example.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,12 +27,17 @@ from torch import Tensor
 ROW_CHUNK_ELEMENTS = 2**23
 
 
-def map_rows(fn: Callable[..., Tensor], xs: Sequence[Tensor], max_elements: int = ROW_CHUNK_ELEMENTS) -> Tensor:
+def map_rows(fn: Callable[..., Tensor], xs: Sequence[Tensor], max_elements: int = ROW_CHUNK_ELEMENTS,
+             out_per_row: int = 0) -> Tensor:
     """``fn(*xs)`` for tensors sharing their leading (row) dimension, computed in row chunks of at
-    most ``max_elements`` input elements each and written into one preallocated output: the
-    temporaries of ``fn`` stay those of one chunk. Works under autograd (slice copies)."""
+    most ``max_elements`` input (and, given ``out_per_row``, output) elements each and written
+    into one preallocated output: the temporaries of ``fn`` stay those of one chunk. Works under
+    autograd (slice copies). Bounding the output too keeps a widening map's chunk (a first
+    convolution, 8x as many outputs as inputs) smaller: ``colt_mnist``'s first conv over 5,000
+    projected bfloat16 images took 0.06 s instead of 0.12 s on one CPU thread (the whole
+    latent region about 3 % less)."""
     n = xs[0].shape[0]
-    per_row = max(1, max(x[0].numel() for x in xs)) if n else 1
+    per_row = max(1, out_per_row, max(x[0].numel() for x in xs)) if n else 1
     step = max(1, max_elements // per_row)
     if n <= step:
         return fn(*xs)
@@ -68,6 +74,17 @@ class AffineMap:
         out = self.apply(*xs)
         off = self.offset()
         return out if off is None else out + off
+
+    def to(self, dtype: torch.dtype) -> "AffineMap":
+        """The same map with its tensors (weights, biases, scales) in ``dtype``; ``self`` when
+        they already are (e.g. to map generators kept in bfloat16, which ``F.conv2d`` needs
+        in the weight's dtype)."""
+        changes = {}
+        for f in dataclasses.fields(self):  # every map is a dataclass
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
+                changes[f.name] = v.to(dtype)
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 @dataclass

@@ -19,6 +19,7 @@ The estimate's own verified fraction is logged as ``est_verified_acc`` (never a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 import certorch.bounds as bounds
 from certorch.config.schema import ScheduleConfig
+from certorch.domains.zonotope import resolve_projection_dtype
 from certorch.errors import require
 from certorch.train.objectives.base import LossOutput, Objective, TrainState, register_objective
 from certorch.train.robust_loss import fused_cross_entropy_bound, robust_cross_entropy
@@ -49,6 +51,8 @@ class CertifiedTraining(Objective):
     class Params:
         bound: str = "ibp"
         projections: int | None = None  # Cauchy projections for zonotope / dual (training only)
+        #: dtype the projected generators are mapped in (auto: bfloat16 where native; null: the model's)
+        projection_dtype: Literal["auto", "float32", "float64", "bfloat16"] | None = None
         kappa: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(start=1.0, end=0.5))
         beta: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(start=1.0, end=0.0))
         eval_bounds: list[str] | None = None  # certify with these at evaluation (default: [bound], exact)
@@ -76,7 +80,12 @@ class CertifiedTraining(Objective):
                 return bounds.bound(model, x, eps, method="ibp", y=y, upper=False).lower
             both = bounds.bound_many(model, x, eps, ("crown-ibp", "ibp"), y=y, upper=False)
             return beta * both["crown-ibp"].lower + (1 - beta) * both["ibp"].lower
-        return bounds.bound(model, x, eps, method=p.bound, y=y, projections=p.projections, upper=False).lower
+        return bounds.bound(model, x, eps, method=p.bound, y=y, projections=p.projections, upper=False,
+                            projection_dtype=self.projection_dtype(x.device)).lower
+
+    def projection_dtype(self, device: torch.device) -> torch.dtype | None:
+        """``params.projection_dtype`` on ``device`` (None without projections)."""
+        return resolve_projection_dtype(self.params.projection_dtype, device) if self.params.projections else None
 
     def fused_loss(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float) -> tuple[Tensor, Tensor]:
         """Loss-fusion robust loss (scalar) and the IBP margin lower bounds (B, K-1) it used."""
@@ -86,7 +95,8 @@ class CertifiedTraining(Objective):
         method = p.bound if p.bound != "crown-ibp" or beta > 0 else "ibp"
         if method == "ibp":
             return ibp_loss, ibp.lower
-        fused, _ = fused_cross_entropy_bound(model, x, y, eps, method, ibp=ibp, projections=p.projections)
+        fused, _ = fused_cross_entropy_bound(model, x, y, eps, method, ibp=ibp, projections=p.projections,
+                                             projection_dtype=self.projection_dtype(x.device))
         if p.bound == "crown-ibp" and beta < 1:
             return beta * fused.mean() + (1 - beta) * ibp_loss, ibp.lower
         return fused.mean(), ibp.lower
@@ -114,7 +124,7 @@ class CertifiedTraining(Objective):
             with torch.no_grad():
                 g = torch.Generator(device=x.device).manual_seed(0)
                 est = bounds.bound(model, x, eps, method=self.params.bound, y=y, projections=self.params.projections,
-                                   upper=False, generator=g).lower
+                                   upper=False, generator=g, projection_dtype=self.projection_dtype(x.device)).lower
                 clean = model(x).argmax(1) == y
             out["est_verified_acc"] = float((clean & (est > 0).all(1)).float().mean())
         return out

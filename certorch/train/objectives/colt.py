@@ -23,7 +23,10 @@ pass of the prefix on ``center + radius * e_0`` with ReLU ``i`` replaced by
 so ``A_l^T grad`` is ordinary backpropagation to the blocks ``e_i``. The pre-activation bounds
 come from ``ct.bound(method="zonotope")``, with ``projections`` Cauchy random projections for
 the L1 norms (training estimates, as in COLT; ``projections: null`` uses the exact zonotope, and
-the region is then exactly the zonotope ``ct.bound`` returns).
+the region is then exactly the zonotope ``ct.bound`` returns). The projected generators are
+mapped in ``projection_dtype`` (``auto``: bfloat16 where the hardware computes it natively,
+about 2x faster, moving the estimates by about 0.3 %, far less than their Cauchy spread of about
+20 %; ``float32`` or null keeps the model's dtype).
 
 The latent layer of stage ``s`` is ``layers[s]`` (node names as in ``capture(model)``; the
 registry's Sequential models name them by position: ``"2"`` is the first ReLU of
@@ -45,6 +48,7 @@ from certorch.attacks.base import frozen_parameters
 from certorch.attacks.latent import cut_nodes, forward_from
 from certorch.bounds.api import bound
 from certorch.bounds.methods import get_method
+from certorch.domains.zonotope import resolve_projection_dtype
 from certorch.errors import CertorchError, UnsupportedOperationError, require
 from certorch.graph.capture import capture
 from certorch.graph.ir import Graph, Node
@@ -73,6 +77,7 @@ class LatentRegion:
     center: Tensor
     radius: Tensor
     relu: dict[int, tuple[Tensor, Tensor]]
+    _maps: dict[int, Any] | None = field(default=None, repr=False, compare=False)  # affine maps, for linear()
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Per-example shapes of the coefficient blocks ``e_0, e_1, ...``."""
@@ -103,6 +108,28 @@ class LatentRegion:
                 k += 1
         return vals[self.node.index]
 
+    def linear(self, es: list[Tensor]) -> Tensor:
+        """``A e`` (B, *node_shape): ``point(es)`` less the center ``point(0)``, differentiable in
+        ``es``; the affine maps' linear parts and the ReLU lines' ``lam z + mu e`` only (two passes
+        per ReLU layer instead of four: the latent attack's inner loop). The maps are the
+        modules' fixed ones (eval mode: a BatchNorm in training mode raises)."""
+        maps = self._linear_maps()
+        vals: dict[int, Tensor] = {0: self.radius * es[0]}
+        k = 1
+        for n in self.order:
+            if n.is_affine:
+                vals[n.index] = maps[n.index].apply(*(vals[i] for i in n.inputs))
+            else:
+                lam, mu = self.relu[n.index]
+                vals[n.index] = torch.addcmul(lam * vals[n.inputs[0]], mu, es[k])
+                k += 1
+        return vals[self.node.index]
+
+    def _linear_maps(self) -> dict[int, Any]:
+        if self._maps is None:
+            self._maps = {n.index: n.op.affine(self.center.dtype) for n in self.order if n.is_affine}
+        return self._maps
+
 
 def _prefix_nodes(graph: Graph, node: Node) -> list[Node]:
     order = [graph.nodes[i] for i in graph.ancestors(node.index) if not graph.nodes[i].is_input]
@@ -115,12 +142,13 @@ def _prefix_nodes(graph: Graph, node: Node) -> list[Node]:
 
 def latent_region_of(
     model: nn.Module, graph: Graph, node: Node, x: Tensor, eps: float, projections: int | None,
-    lo: float = 0.0, hi: float = 1.0,
+    lo: float = 0.0, hi: float = 1.0, projection_dtype: torch.dtype | None = None,
 ) -> LatentRegion:
     """The region of ``node`` of ``graph`` (a capture of ``model``) over ``linf_ball(x, eps)``.
 
     Pre-activation bounds of its ReLUs from ``ct.bound(model, method="zonotope",
-    projections=projections)`` (no gradient; modules in their current modes).
+    projections=projections, projection_dtype=projection_dtype)`` (no gradient; modules in
+    their current modes). The region itself (center, radius, DeepZ lines) is in ``x``'s dtype.
     """
     box = linf_ball(x.detach(), eps, lo, hi)
     order = _prefix_nodes(graph, node)
@@ -130,7 +158,8 @@ def latent_region_of(
         with torch.no_grad():
             C = torch.zeros(0, _numel(graph.output_shape), dtype=x.dtype, device=x.device)  # no spec rows: only the ReLUs' input bounds
             res = bound(model, x.detach(), eps, method="zonotope", C=C, lo=lo, hi=hi, return_intermediate="boxes",
-                        projections=projections, upper=True)
+                        projections=projections, projection_dtype=projection_dtype if projections else None,
+                        upper=True)
         for n in relus:
             pre = res.intermediate[graph.nodes[n.inputs[0]].name]
             relu[n.index] = tuple(t.detach() for t in n.op.relaxation.deepz(pre.lower, pre.upper))
@@ -148,14 +177,21 @@ def latent_pgd(region: LatentRegion, rest: Callable[[Tensor], Tensor], y: Tensor
                random_start: bool = True, ascent: str = "sign") -> list[Tensor]:
     """Maximize ``CE(rest(a + A e), y)`` over ``e in [-1, 1]``: ``steps`` ascent steps of
     ``step_size`` (``sign`` of ``A^T grad``, or the raw ``A^T grad`` as in Eq. 21), each
-    followed by clipping to [-1, 1]. Returns the final coefficient blocks (detached)."""
+    followed by clipping to [-1, 1]. Returns the final coefficient blocks (detached).
+
+    The center ``a`` is computed once; each step maps only ``A e`` (:meth:`LatentRegion.linear`)
+    and updates the blocks in place (a NaN gradient entry counts as 0)."""
+    with torch.no_grad():
+        a = region.point(region.coefficients(False))
     es = region.coefficients(random_start)
     for _ in range(steps):
         es = [e.detach().requires_grad_(True) for e in es]
-        loss = F.cross_entropy(rest(region.point(es)), y, reduction="sum")
+        loss = F.cross_entropy(rest(a + region.linear(es)), y, reduction="sum")
         grads = torch.autograd.grad(loss, es)
-        es = [(e + step_size * (torch.nan_to_num(g).sign() if ascent == "sign" else torch.nan_to_num(g))).clamp(-1.0, 1.0)
-              for e, g in zip(es, grads)]
+        with torch.no_grad():
+            for e, g in zip(es, grads):
+                g = torch.nan_to_num_(g, 0.0, 0.0, 0.0)  # the gradients are ours: fresh tensors
+                e.add_(g.sign_() if ascent == "sign" else g, alpha=step_size).clamp_(-1.0, 1.0)
     return [e.detach() for e in es]
 
 
@@ -182,6 +218,7 @@ class _LatentTraining(Objective):
         steps: int = 8
         step_size: float = 0.25
         projections: int | None = 50
+        projection_dtype: Literal["auto", "float32", "float64", "bfloat16"] | None = "auto"  # of the projected generators
         random_start: bool = True
         ascent: Literal["sign", "gradient"] = "sign"
         clean_weight: float = 1.0
@@ -270,7 +307,14 @@ class _LatentTraining(Objective):
         """The latent region of ``node`` over the eps-ball around ``x`` (modules as they are)."""
         prefix = self._prefix(model, node)
         pgraph = capture(prefix, tuple(x.shape[1:])) if prefix is not model else capture(model, tuple(x.shape[1:]))
-        return latent_region_of(prefix, pgraph, pgraph.node(node.name), x, eps, self.params.projections)
+        return latent_region_of(prefix, pgraph, pgraph.node(node.name), x, eps, self.params.projections,
+                                projection_dtype=self.projection_dtype(x.device))
+
+    def projection_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype of the region's projected generators on ``device`` (``params.projection_dtype``;
+        ``auto``: bfloat16 where the device computes it natively, see
+        :func:`certorch.domains.zonotope.auto_projection_dtype`; null: the model's)."""
+        return resolve_projection_dtype(self.params.projection_dtype, device) if self.params.projections else None
 
     @staticmethod
     def rest(model: nn.Module, graph: Graph, node: Node) -> Callable[[Tensor], Tensor]:
