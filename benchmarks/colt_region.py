@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/colt_region.py                       # colt_cifar, layer "6", batch 200
     .venv/bin/python benchmarks/colt_region.py --model colt_mnist --layer 4 --batch 100 --steps 40
+    .venv/bin/python benchmarks/colt_region.py --projection-dtype float32   # the region's maps in float32
 
 Builds the latent region of ``--layer`` over the eps-ball (projected zonotope bounds of the prefix,
 ``--projections`` Cauchy projections, as in training) and runs ``--steps`` latent PGD steps of
@@ -12,6 +13,7 @@ attacks 200 images at once), where that config's run peaked at 17 GB.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -33,21 +35,26 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--step-size", type=float, default=0.25)
     p.add_argument("--projections", type=int, default=50)
+    p.add_argument("--projection-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="COLT's projection_dtype (auto: bfloat16 where the CPU computes it natively)")
     args = p.parse_args(argv)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before the first big tensor, as the CLI
     torch.manual_seed(0)
     torch.set_num_threads(1)
     dataset = args.dataset or ("cifar10" if args.model == "colt_cifar" else "mnist")
     shape = tuple(dataset_info(dataset).input_shape)
     model = build(args.model, dataset=dataset)
     x, y = torch.rand(args.batch, *shape), torch.randint(0, 10, (args.batch,))
-    obj = COLT(steps=args.steps, step_size=args.step_size, projections=args.projections)
+    obj = COLT(steps=args.steps, step_size=args.step_size, projections=args.projections,
+               projection_dtype=args.projection_dtype)
     graph = capture(model, shape)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t0 = time.perf_counter()
     obj.adversarial_latent(model, graph, graph.node(args.layer), x, y, args.eps, args.steps, args.step_size)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{args.model} layer {args.layer!r}, batch {args.batch}, {args.projections} projections, {args.steps} steps: "
+    dt = str(obj.projection_dtype(x.device) or torch.float32).replace("torch.", "")
+    print(f"{args.model} layer {args.layer!r}, batch {args.batch}, {args.projections} projections in {dt}, {args.steps} steps: "
           f"{seconds:.1f} s, peak RSS {peak:.2f} GiB (after setup {base:.2f} GiB)")
 
 
