@@ -5,19 +5,18 @@ with the same attack steps, and triangle-LP training against CROWN training, sid
     .venv/bin/python benchmarks/part4_speed.py --subset 300 --repeats 1
     .venv/bin/python benchmarks/part4_speed.py --skip-triangle --projection-dtype float32
 
-* the same per training step, interleaved (``--batch-rounds``, default 15): PGD and each COLT
-  stage take turns on the same batch in one process; medians. Sequential epochs on a shared VM
-  drift apart by 10 % and more between runs; interleaving puts both sides under the same load.
-
 * COLT vs PGD: ``colt_mnist``, batch 100, 40 attack steps of 0.035 (the paper's), one training
   epoch on the first ``--subset`` MNIST images per COLT stage (latent layer: input, ReLU "2",
   ReLU "4"; earlier layers frozen as in ``configs/part4/colt_mnist_0.1-cpu.yaml``) and of ``pgd``
   training with the same steps; training seconds from the trainer (evaluation off), the fastest
   of ``--epochs`` epochs per stage / run (the least disturbed by other load on a shared machine).
-  Target: every COLT stage within 1.5x of the PGD epoch.
+  Target: every COLT stage within 1.5x of the PGD epoch. The runs alternate (PGD, COLT stages,
+  PGD again) so that load changes hit both sides.
+* the same per training step, interleaved (``--batch-rounds``, default 15): PGD and each COLT
+  stage take turns on the same batch in one process; medians. Sequential epochs on a shared VM
+  drift apart by 10 % and more between runs; interleaving puts both sides under the same load.
 * triangle vs CROWN: the relaxation study's MLP (784-50-50-10), batch 50, eps 0.1: seconds of one
   forward + backward of the certified loss, median over ``--repeats`` batches.
-The runs alternate (PGD, COLT stages, PGD again) so that load changes hit both sides.
 """
 from __future__ import annotations
 
@@ -138,10 +137,9 @@ def triangle_vs_crown(args) -> dict:
 
 def _projection_dtype(name: str) -> str:
     """What COLT's ``projection_dtype`` resolves to on this machine's CPU."""
-    from certorch.domains.zonotope import auto_projection_dtype
+    from certorch.domains.zonotope import resolve_projection_dtype
 
-    dt = auto_projection_dtype("cpu") if name == "auto" else getattr(torch, name)
-    return str(dt or torch.float32).replace("torch.", "")
+    return str(resolve_projection_dtype(name, "cpu") or torch.float32).replace("torch.", "")
 
 
 def report(c: dict, b: dict | None, t: dict | None, args, elapsed: float) -> str:
