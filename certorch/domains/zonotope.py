@@ -102,10 +102,14 @@ def _abs_lower_median(Gt: Tensor, need_index: bool) -> tuple[Tensor, Tensor | No
     present (numpy sorts it last and would hide it; ``torch.median`` propagates it)."""
     low = Gt.device.type == "cpu" and Gt.dtype in (torch.bfloat16, torch.float16)
     A = torch.empty(Gt.shape, dtype=torch.float32 if low else Gt.dtype, device=Gt.device)
-    if low:  # a low-precision block (``projection_dtype``): selected in float32 (numpy has no bfloat16)
-        A.copy_(Gt).abs_()
-    else:
-        torch.abs(Gt, out=A)  # |G| straight into the layout the selection runs in
+
+    def fill() -> None:  # |G| straight into the layout the selection runs in
+        if low:  # a low-precision block (``projection_dtype``): selected in float32 (numpy has no bfloat16)
+            A.copy_(Gt).abs_()
+        else:
+            torch.abs(Gt, out=A)
+
+    fill()
     if A.device.type != "cpu" or A.dtype not in (torch.float32, torch.float64) or A.numel() == 0 \
             or torch.get_num_threads() > NUMPY_MEDIAN_MAX_THREADS or bool(torch.isnan(A.sum())):  # |.| >= 0: NaN iff one is
         values, idx = A.median(dim=-1)
@@ -115,7 +119,7 @@ def _abs_lower_median(Gt: Tensor, need_index: bool) -> tuple[Tensor, Tensor | No
     values = A[..., k].clone()
     if not need_index:
         return values, None
-    A.copy_(Gt).abs_() if low else torch.abs(Gt, out=A)  # the selection reordered the buffer
+    fill()  # the selection reordered the buffer
     return values, torch.eq(A, values.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)
 
 
@@ -236,9 +240,17 @@ class Zonotope:
         owned = frozenset(k for k, G in blocks.items() if G.untyped_storage().data_ptr() not in inputs)
         return Zonotope(center, blocks, projected, owned)
 
-    def scale(self, s: Tensor, shift: Tensor) -> "Zonotope":
-        """Element-wise ``s * z + shift`` (s, shift: (B, *shape))."""
-        blocks = {k: G * s.unsqueeze(1).to(G.dtype) for k, G in self.blocks.items()}
+    def scale(self, s: Tensor, shift: Tensor, consume: bool = False) -> "Zonotope":
+        """Element-wise ``s * z + shift`` (s, shift: (B, *shape)).
+
+        ``consume``: ``self`` is not used afterwards, so its :attr:`owned` blocks are scaled in
+        place (no new full-size block: the allocation and first touch of its memory were half of
+        the scaling's time on a CPU), unless autograd needs their old values."""
+        blocks = {}
+        for k, G in self.blocks.items():
+            sk = s.unsqueeze(1).to(G.dtype)
+            keep = torch.is_grad_enabled() and (G.requires_grad or sk.requires_grad)
+            blocks[k] = G.mul_(sk) if consume and k in self.owned and not keep else G * sk
         return Zonotope(s * self.center + shift, blocks, self.projected, frozenset(blocks))
 
     def scale_and_extend(self, s: Tensor, shift: Tensor, mu: Tensor, block_id: int, projections: int | None = None,
@@ -246,18 +258,8 @@ class Zonotope:
         """``self.scale(s, shift).add_block(block_id, mu, projections, generator)`` (the DeepZ ReLU
         image), same values and draws, with the merged projected block updated in place on the
         product ``scale`` has just made (no one else holds it): one full-size pass and
-        allocation fewer per layer.
-
-        ``consume``: ``self`` is not used afterwards, so its :attr:`owned` blocks are scaled in
-        place too (no new full-size block: the allocation and first touch of its memory were
-        half of the scaling's time on a CPU), unless autograd needs their old values."""
-        blocks = {}
-        for k, G in self.blocks.items():
-            sk = s.unsqueeze(1).to(G.dtype)
-            keep = torch.is_grad_enabled() and (G.requires_grad or sk.requires_grad)
-            blocks[k] = G.mul_(sk) if consume and k in self.owned and not keep else G * sk
-        scaled = Zonotope(s * self.center + shift, blocks, self.projected, frozenset(blocks))
-        return scaled.add_block(block_id, mu, projections, generator, in_place=True)
+        allocation fewer per layer. ``consume``: see :meth:`scale`."""
+        return self.scale(s, shift, consume).add_block(block_id, mu, projections, generator, in_place=True)
 
     def add_block(self, block_id: int, mu: Tensor, projections: int | None = None, generator=None,
                   in_place: bool = False) -> "Zonotope":
