@@ -359,7 +359,7 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
     for t in range(opts.iters):
         it = _fresh(ctx, intermediate="crown", alpha=store)
         try:
-            with torch.enable_grad():
+            with torch.set_grad_enabled(opts.iters > 1):  # one pass (evaluating warm slopes): no gradient
                 low, _ = chunked_bounds(it, out, lambda s0, s1: C[:, s0:s1], S, lambda i: pre_bounds(it, i), False,
                                         ids=ids)
         except DeadlineExceeded:

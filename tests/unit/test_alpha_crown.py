@@ -241,3 +241,67 @@ def test_verifier_alpha_crown_stage_verifies_what_crown_cannot():
     verified = torch.tensor([r.verdict.name == "VERIFIED" for r in res])
     assert torch.equal(verified, a > 0)
     assert verified.sum() > (c > 0).sum()  # here CROWN proves 3 of 6, alpha-CROWN all 6
+
+
+def _float32_problem(seed: int = 4, B: int = 3, eps: float = 0.08):
+    """A float32 conv net and its classification problem as the pipeline builds it (float64 box)."""
+    from certorch.spec import linf_ball, margin_matrix
+    from certorch.verify.stages import Problem
+
+    torch.manual_seed(seed)
+    model = _conv(3).float().eval()
+    x, y = _inputs(seed, B, (1, 8, 8))
+    y = y % 4
+    C = margin_matrix(y, 4).to(torch.float64)
+    problem = Problem(model, linf_ball(x, eps, 0.0, 1.0), C, torch.zeros(C.shape[:2], dtype=torch.float64),
+                      tuple((r,) for r in range(3)), x=x, y=y, eps=eps)
+    return model, x, y, eps, problem
+
+
+def test_verifier_stage_optimises_slopes_in_the_model_dtype_and_bounds_in_float64(monkeypatch):
+    import certorch.bounds.api as api
+    from certorch.verify.stages import AlphaCrownStage
+
+    model, x, y, eps, problem = _float32_problem()
+    calls, real = [], api.bound
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["dtype"], kwargs.get("alpha_iters"), kwargs.get("alpha_state") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "bound", spy)
+    idx = torch.arange(problem.batch)
+    out = AlphaCrownStage(iters=10).run(problem, idx, np.full(problem.batch, 60.0))
+    assert calls == [(torch.float32, 10, False), (torch.float64, 1, True)]
+    monkeypatch.setattr(api, "bound", real)
+    crown64 = ct.bound(model, x, eps, method="crown", y=y, upper=False, dtype=torch.float64).lower.amin(1)
+    full64 = ct.bound(model, x, eps, method="alpha-crown", y=y, upper=False, dtype=torch.float64,
+                      alpha_iters=10).lower.amin(1)
+    assert out.lower.dtype == torch.float64
+    assert (out.lower >= crown64).all()  # the float64 pass keeps the maximum with CROWN's rows
+    assert out.lower.mean() > crown64.mean() + 1e-3  # and the float32 slopes do improve on it
+    assert torch.allclose(out.lower, full64, atol=1e-3 * float(full64.abs().max()))  # as good as optimising in float64
+
+
+def test_float32_optimised_slopes_give_sound_float64_bounds():
+    from certorch.verify.stages import AlphaCrownStage
+
+    model, x, y, eps, problem = _float32_problem(seed=5, B=4, eps=0.1)
+    out = AlphaCrownStage(iters=10).run(problem, torch.arange(problem.batch), np.full(problem.batch, 60.0))
+    net = model.double()
+    pts = torch.cat([sample_box(problem.box, 256, torch.Generator().manual_seed(0)),
+                     pgd_points(net, x, eps, problem.C, steps=20)], 0)
+    values = spec_values(net, pts, problem.C)  # (N, B, S)
+    assert (out.lower[None, :] <= values.amin(2) + 1e-9).all()
+
+
+def test_verifier_stage_of_a_float64_model_optimises_in_float64_directly(monkeypatch):
+    import certorch.bounds.api as api
+    from certorch.verify.stages import AlphaCrownStage
+
+    _, _, _, _, problem = _float32_problem()
+    problem.model = problem.model.double()
+    calls, real = [], api.bound
+    monkeypatch.setattr(api, "bound", lambda *a, **k: calls.append((k["dtype"], k.get("alpha_iters"))) or real(*a, **k))
+    AlphaCrownStage(iters=4).run(problem, torch.arange(problem.batch), np.full(problem.batch, 60.0))
+    assert calls == [(torch.float64, 4)]
