@@ -127,17 +127,21 @@ class Domains:
 
     @staticmethod
     def cat(parts: list["Domains"]) -> "Domains":
+        """Concatenation along the domains. Coefficients are kept for the nodes every part has:
+        a bound call cut by its deadline inside its first pass records them only for the nodes
+        that pass reached (they steer branching and the attack only; both work without)."""
         parts = [p for p in parts if p.size]
         first = parts[0]
         if len(parts) == 1:
             return first
         alpha = AlphaState.cat([p.alpha for p in parts]) if all(p.alpha is not None for p in parts) else None
+        coeff_keys = [k for k in first.coeffs if all(k in p.coeffs for p in parts)]
         return Domains(torch.cat([p.rows for p in parts]), torch.cat([p.lb for p in parts]),
                        Box(torch.cat([p.box.lower for p in parts]), torch.cat([p.box.upper for p in parts])),
                        {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
                        {k: Box(torch.cat([p.bounds[k].lower for p in parts]),
                                torch.cat([p.bounds[k].upper for p in parts])) for k in first.bounds},
-                       alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in first.coeffs})
+                       alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in coeff_keys})
 
     def nbytes(self) -> int:
         ts = [self.rows, self.lb, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]

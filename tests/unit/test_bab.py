@@ -234,6 +234,32 @@ def test_bab_respects_its_deadline():
     assert r.verdict in (None, Verdict.FALSIFIED)  # 0.5 s is not enough to prove a 0.5 ball
 
 
+def test_children_cut_by_the_deadline_inside_their_first_pass_do_not_crash_the_search(monkeypatch):
+    """A bound call cut by its deadline inside its first pass returns coefficients only for the nodes
+    that pass reached; the queue must still concatenate (it raised KeyError before) and the search
+    reach the same verdict (coefficients only steer branching and the attack)."""
+    import certorch.verify.bab as bab
+
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    opts = BabOptions(batch=2, iters=2)
+    full = branch_and_bound(_problem(model, x, y, 0.25), 0, math.inf, opts)
+    real, calls = bab.bound_domains, []
+
+    def cut(*a, **k):
+        doms = real(*a, **k)
+        calls.append(doms.size)
+        if len(calls) == 5:  # children queued behind full ones, as if the deadline struck before the pass reached the input
+            doms.coeffs = {n: A for n, A in doms.coeffs.items() if n != capture(model, (20,)).nodes[0].name}
+        return doms
+
+    monkeypatch.setattr(bab, "bound_domains", cut)
+    r = branch_and_bound(_problem(model, x, y, 0.25), 0, math.inf, opts)
+    assert len(calls) > 5 and r.verdict == full.verdict == Verdict.VERIFIED, r.message
+
+
 def test_bab_is_a_pipeline_stage():
     stages = build_stages("pgd,crown,alpha-crown,bab")
     assert [s.name for s in stages] == ["clean", "pgd", "crown", "alpha-crown", "bab"]
