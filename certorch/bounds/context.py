@@ -81,13 +81,7 @@ class BoundContext:
         bound to 0. Where a split contradicts the bounds the box is empty (lower > upper): the
         domain is infeasible, and every bound of an empty domain is sound."""
         s = self.splits.get(idx)
-        if s is None:
-            return box
-        shape = box.lower.shape
-        s = s.view(shape)
-        zero = torch.zeros((), dtype=box.lower.dtype, device=box.lower.device)
-        return Box(torch.where(s > 0, torch.maximum(box.lower, zero), box.lower),
-                   torch.where(s < 0, torch.minimum(box.upper, zero), box.upper))
+        return box if s is None else constrain_to_splits(box, s)
 
     def affine_map(self, idx: int) -> AffineMap:
         """The node's affine map (cached for this call)."""
@@ -97,3 +91,13 @@ class BoundContext:
             vals = [self.values[i] for i in node.inputs] if needs_values else None
             self._maps[idx] = node.op.affine(self.dtype, vals)
         return self._maps[idx]
+
+
+def constrain_to_splits(box: Box, signs: Tensor) -> Box:
+    """``box`` (B, *shape) of a pre-activation restricted to split signs (B, *shape) int8: +1
+    (``z >= 0``) raises the lower bound to 0, -1 (``z <= 0``) lowers the upper bound to 0, 0 keeps
+    it. A split that contradicts the bounds leaves an empty box (lower > upper)."""
+    s = signs.view(box.lower.shape)
+    zero = torch.zeros((), dtype=box.lower.dtype, device=box.lower.device)
+    return Box(torch.where(s > 0, torch.maximum(box.lower, zero), box.lower),
+               torch.where(s < 0, torch.minimum(box.upper, zero), box.upper))

@@ -42,6 +42,17 @@ under the splits (intersected with the parent's). It is off by default: measured
 thread (mnist_fc 256x4 prop_6_0.03, oval21 deep img1052) it bounded fewer domains for similar or
 worse final bounds; the multipliers already carry the splits into the bound.
 
+Precision: the root is bounded in float64. When the model is float32 (most are), the children
+are bounded in float32 (``BabOptions.low_precision``; about half the time per pass) and only the
+children whose float32 bound is positive are bounded again in float64, warm-started from the
+float32 slopes and multipliers (one pass, plus a CROWN pass) and floored by their parents'
+*proven* rows. A domain counts as proved only from that float64 bound; the float32 values steer
+the search (order, branching, floors of the float32 bounds) and are never reported. Each domain
+keeps both: ``rows`` (what the search sees) and ``sound`` (float64-proven rows, reported as the
+lower bound of an undecided search, and what the exact LP leaves skip proved regions by). The
+pre-activation bounds stay float64 (the known ones restricted to the splits). ``refine`` bounds
+in float64 throughout.
+
 Memory: the queue's tensors are counted after each step; past ``max_bytes`` the search stops
 with UNKNOWN and says so (it never grows until the machine kills the process).
 
@@ -84,7 +95,9 @@ class BabOptions:
     instead of ReLUs when the input has at most this many elements; ``attack_steps``:
     sign-gradient steps from each child's bound minimiser; ``refine``: recompute the children's
     bounds of the layers after their new split by CROWN under the splits (intersected with the
-    parent's) instead of keeping the parent's.
+    parent's) instead of keeping the parent's; ``low_precision``: bound the children in the model's
+    dtype when it is not float64 and confirm the ones that look proved in float64 (see the module
+    doc; off with ``refine`` or without known intermediate bounds).
     """
 
     batch: int = 64
@@ -94,6 +107,7 @@ class BabOptions:
     input_split_dims: int = 16
     attack_steps: int = 5
     refine: bool = False
+    low_precision: bool = True
 
 
 @dataclass
@@ -101,7 +115,10 @@ class Domains:
     """D sub-domains of one example, as batched tensors.
 
     ``rows``: (D, S) lower bounds of the spec rows (offsets ``d`` included); ``lb``: (D,) lower
-    bound of the smallest region value; ``box``: input boxes (D, *in); ``splits``: pre-activation
+    bound of the smallest region value; ``sound``: (D, S) float64 row bounds proven on the domain
+    (``rows`` when the domain was bounded in float64; else its parent's or those of a float64
+    confirmation: ``rows`` may then be low-precision estimates that steer the search, and a
+    positive ``lb`` is always a float64 proof); ``box``: input boxes (D, *in); ``splits``: pre-activation
     node name -> (D, *shape) int8 signs; ``bounds``: pre-activation node name -> Box (D, *shape);
     ``alpha``: slopes and multipliers (:class:`AlphaState`, batch D) or None; ``coeffs``: node
     name -> (D, S, *shape) coefficients of the rows at activation outputs and at the input.
@@ -109,6 +126,7 @@ class Domains:
 
     rows: Tensor
     lb: Tensor
+    sound: Tensor
     box: Box
     splits: dict[str, Tensor]
     bounds: dict[str, Box]
@@ -120,7 +138,8 @@ class Domains:
         return self.lb.shape[0]
 
     def select(self, idx: Tensor) -> "Domains":
-        return Domains(self.rows[idx], self.lb[idx], self.box[idx], {k: v[idx] for k, v in self.splits.items()},
+        return Domains(self.rows[idx], self.lb[idx], self.sound[idx], self.box[idx],
+                       {k: v[idx] for k, v in self.splits.items()},
                        {k: v[idx] for k, v in self.bounds.items()},
                        self.alpha.select(idx) if self.alpha is not None else None,
                        {k: v[idx] for k, v in self.coeffs.items()})
@@ -137,14 +156,19 @@ class Domains:
         alpha = AlphaState.cat([p.alpha for p in parts]) if all(p.alpha is not None for p in parts) else None
         coeff_keys = [k for k in first.coeffs if all(k in p.coeffs for p in parts)]
         return Domains(torch.cat([p.rows for p in parts]), torch.cat([p.lb for p in parts]),
+                       torch.cat([p.sound for p in parts]),
                        Box(torch.cat([p.box.lower for p in parts]), torch.cat([p.box.upper for p in parts])),
                        {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
                        {k: Box(torch.cat([p.bounds[k].lower for p in parts]),
                                torch.cat([p.bounds[k].upper for p in parts])) for k in first.bounds},
                        alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in coeff_keys})
 
+    def sound_lb(self, problem: Problem) -> Tensor:
+        """(D,) proven lower bound of each domain's smallest region value (float64)."""
+        return problem.region_max(self.sound).amin(dim=1)
+
     def nbytes(self) -> int:
-        ts = [self.rows, self.lb, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]
+        ts = [self.rows, self.lb, self.sound, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]
         ts += [t for b in self.bounds.values() for t in (b.lower, b.upper)]
         if self.alpha is not None:
             ts += [v for side in self.alpha.sides.values() for _, v in side.values()]
@@ -179,26 +203,42 @@ class _Net:
 
 def bound_domains(problem: Problem, i: int, net: _Net, box: Box, splits: dict[str, Tensor],
                   given: dict[str, Box], alpha: AlphaState | None, iters: int, deadline: float,
-                  refine: list[str] | None = None, floor: Tensor | None = None) -> Domains:
+                  refine: list[str] | None = None, floor: Tensor | None = None, sound: Tensor | None = None,
+                  dtype: torch.dtype = torch.float64) -> Domains:
     """Bound D sub-domains of example ``i`` in one ``ct.bound`` call (alpha-CROWN with splits);
     the ``given`` bounds of the nodes in ``refine`` are tightened by a CROWN pass under the splits.
     ``floor``: (D, S) row bounds known to hold on each sub-domain (its parent's: a sub-domain's
-    bound is never below its parent's, whatever the few warm-started iterations reach)."""
+    bound is never below its parent's, whatever the few warm-started iterations reach).
+
+    ``dtype`` float64 (the default): the rows are proven (``Domains.sound`` = the rows, raised to
+    ``sound`` where that is higher). Another dtype: a search bound, the rows are estimates and
+    ``Domains.sound`` is ``sound`` (the parents' proven rows, -inf without); the pre-activation
+    bounds are then the float64 ``given`` ones restricted to the splits (what the engine uses
+    without ``refine``), so children and exact LP leaves keep sound bounds."""
     from certorch.bounds.api import bound
+    from certorch.bounds.context import constrain_to_splits
 
     D = box.lower.shape[0]
     C = problem.C[i : i + 1].expand(D, *problem.C.shape[1:])
+    exact = dtype == torch.float64
     with torch.no_grad():
-        res = bound(problem.model, box.center, method="alpha-crown", C=C, box=box, dtype=torch.float64,
+        res = bound(problem.model, box.center, method="alpha-crown", C=C, box=box, dtype=dtype,
                     upper=False, return_intermediate=True, splits=splits or None,
                     intermediate_bounds=given or None, refine_intermediate=list(refine or []) if given else False,
                     alpha_state=alpha, alpha_iters=iters, return_coefficients=True,
                     deadline=deadline if math.isfinite(deadline) else None)
-    rows = res.lower + problem.d[i].to(res.lower.dtype)
+    rows = (res.lower + problem.d[i].to(res.lower.dtype)).to(torch.float64)
     if floor is not None:
         rows = torch.maximum(rows, floor.to(rows.dtype))
+    if exact:
+        proven = rows if sound is None else torch.maximum(rows, sound)
+    else:
+        proven = sound if sound is not None else torch.full_like(rows, -math.inf)
     lb = problem.region_max(rows).amin(dim=1)
-    bounds = {k: res.intermediate[k] for k in net.pre if k in res.intermediate}
+    if exact or refine or not all(k in given for k in net.pre):
+        bounds = {k: res.intermediate[k].to(torch.float64) for k in net.pre if k in res.intermediate}
+    else:
+        bounds = {k: constrain_to_splits(given[k], splits[k]) if k in splits else given[k] for k in net.pre}
     empty = torch.zeros(D, dtype=torch.bool, device=lb.device)
     for k, b in bounds.items():  # contradictory splits: the sub-domain has no points
         empty |= (b.lower > b.upper).flatten(1).any(1)
@@ -209,7 +249,31 @@ def bound_domains(problem: Problem, i: int, net: _Net, box: Box, splits: dict[st
                  for s, d in state.sides.items()}
         state = AlphaState(state.signature, state.batch, sides)
     coeffs = {k: v.to(STORE_DTYPE) for k, v in res.extra.get("coefficients", {}).items()}
-    return Domains(rows, lb, box, splits, bounds, state, coeffs)
+    return Domains(rows, lb, proven, box, splits, bounds, state, coeffs)
+
+
+def bound_children(problem: Problem, i: int, net: _Net, box: Box, splits: dict[str, Tensor],
+                   given: dict[str, Box], alpha: AlphaState | None, iters: int, deadline: float,
+                   refine: list[str] | None, floor: Tensor, sound: Tensor, search: torch.dtype | None) -> Domains:
+    """Children of one step (aligned with their parents' ``floor`` rows and ``sound`` rows).
+
+    ``search`` None: bounded in float64 (every row proven). Else bounded in ``search`` (the model's
+    dtype: about half the time of float64), and the children whose estimate is positive are
+    bounded again in float64 from the slopes and multipliers found (one warm pass and a CROWN
+    pass, floored by the parents' proven rows): only that confirmation proves a child; the rest
+    keep their estimates for the search and their parents' proven rows."""
+    if search is None:
+        return bound_domains(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor=floor)
+    kids = bound_domains(problem, i, net, box, splits, given, alpha, iters, deadline, None, floor=floor, sound=sound,
+                         dtype=search)
+    looks_proved = kids.lb > 0
+    if not bool(looks_proved.any()):
+        return kids
+    pos = looks_proved.nonzero().flatten()
+    c = kids.select(pos)
+    confirmed = bound_domains(problem, i, net, c.box, c.splits, {k: v[pos] for k, v in given.items()}, c.alpha, 1,
+                              deadline, None, floor=c.sound)
+    return Domains.cat([kids.select((~looks_proved).nonzero().flatten()), confirmed])
 
 
 def _unproved_rows(doms: Domains) -> Tensor:
@@ -294,7 +358,11 @@ def branch_input(doms: Domains, net: _Net) -> Box:
 
 def search_counterexample(problem: Problem, i: int, net: _Net, doms: Domains, steps: int) -> Tensor | None:
     """A point of example ``i``'s box with a float64 property value <= 0, tried from each
-    domain's bound minimiser (then ``steps`` projected sign-gradient steps inside its box)."""
+    domain's bound minimiser (then ``steps`` projected sign-gradient steps inside its box).
+
+    The points stay float64; the forward and gradient passes of the steps run in the model's
+    dtype (one pass per step), and each step's lowest point, with any point that dtype finds
+    violating, is re-checked in float64 (only a float64 value <= 0 counts)."""
     A = doms.coeffs.get(net.input)
     lo, hi = doms.box.lower.to(torch.float64), doms.box.upper.to(torch.float64)
     if A is None:
@@ -307,19 +375,24 @@ def search_counterexample(problem: Problem, i: int, net: _Net, doms: Domains, st
     idx = torch.full((x.shape[0],), i, dtype=torch.long)
     step = (hi - lo) / 8
     graph = net.graph
+    param = next(problem.model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float64
     for t in range(steps + 1):
+        xg = x.to(dtype).requires_grad_(t < steps)
+        with torch.set_grad_enabled(t < steps):
+            val = problem.values(graph.forward(xg)[graph.output].flatten(1), idx).amin(dim=1)
+        check = val.detach() <= 0
+        check[int(val.argmin())] = True
+        pts = x[check]
         with torch.no_grad():
-            v = problem.values(float64_forward(problem, x), idx).amin(dim=1)
+            v = problem.values(float64_forward(problem, pts), idx[check]).amin(dim=1)
         k = int(v.argmin())
         if float(v[k]) <= 0:
-            return x[k].detach()
+            return pts[k].detach()
         if t == steps:
             break
-        xg = x.clone().requires_grad_(True)
-        with torch.enable_grad():
-            val = problem.values(graph.forward(xg)[graph.output].flatten(1), idx).amin(dim=1)
-            (g,) = torch.autograd.grad(val.sum(), xg)
-        x = torch.minimum(torch.maximum(x - step * g.sign(), lo), hi).detach()
+        (g,) = torch.autograd.grad(val.sum(), xg)
+        x = torch.minimum(torch.maximum(x - step * g.sign().to(x.dtype), lo), hi).detach()
     return None
 
 
@@ -344,6 +417,7 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
         root = bound_domains(problem, i, net, box, {}, given, warm, iters, deadline)
     except DeadlineExceeded:
         return BabResult(None, -math.inf, timed_out=True, message="bab: out of time at the root")
+    search = _search_dtype(problem, net, given, input_mode, options)
     if not input_mode:
         root.splits = {p: torch.zeros((1, *net.shape[p]), dtype=torch.int8)
                        for p in net.pre}
@@ -357,9 +431,13 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     if x is not None:
         return BabResult(Verdict.FALSIFIED, float(root.lb[0]), x, 1)
     stuck = None
+
+    def low(doms: Domains) -> float:  # proven lower bound over open domains
+        return float(doms.sound_lb(problem).min()) if doms.size else math.inf
+
     while queue.size:
         if time.perf_counter() > deadline:
-            return BabResult(None, float(queue.lb.min()), domains=count, timed_out=True, history=history,
+            return BabResult(None, low(queue), domains=count, timed_out=True, history=history,
                              message=f"bab: out of time with {queue.size} open domains")
         order = torch.argsort(queue.lb)
         take, rest = order[: options.batch], order[options.batch :]
@@ -369,16 +447,16 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
                 kids_box = branch_input(parents, net)
                 src = torch.arange(parents.size).repeat_interleave(2)
                 alpha = parents.alpha.select(src) if parents.alpha is not None else None
-                kids = bound_domains(problem, i, net, kids_box, {}, {}, alpha, options.iters, deadline,
-                                     floor=parents.rows[src])
+                kids = bound_children(problem, i, net, kids_box, {}, {}, alpha, options.iters, deadline, None,
+                                      parents.rows[src], parents.sound[src], search)
             else:
                 rep, ok, splits = branch_relu(parents, net)
                 if not bool(ok.all()):  # every unstable ReLU of these domains is split: solve them exactly
                     leaves = parents.select((~ok).nonzero().flatten())
-                    solved, low, x = solve_leaves(problem, i, net, leaves, deadline)
+                    solved, lowest, x = solve_leaves(problem, i, net, leaves, deadline)
                     if x is not None:
-                        return BabResult(Verdict.FALSIFIED, float(queue.lb.min()), x, count, history=history)
-                    proven = min(proven, low)
+                        return BabResult(Verdict.FALSIFIED, low(queue), x, count, history=history)
+                    proven = min(proven, lowest)
                     if not bool(solved.all()):
                         stuck = leaves.select((~solved).nonzero().flatten())
                     keep = ok.repeat_interleave(2).nonzero().flatten()
@@ -389,11 +467,11 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
                         queue = others
                         history.append((time.perf_counter() - t0, queue.size))
                         continue
-                kids = bound_domains(problem, i, net, rep.box, splits, rep.bounds, rep.alpha, options.iters,
-                                     deadline, _after_new_splits(net, rep, splits) if options.refine else None,
-                                     floor=rep.rows)
+                kids = bound_children(problem, i, net, rep.box, splits, rep.bounds, rep.alpha, options.iters,
+                                      deadline, _after_new_splits(net, rep, splits) if options.refine else None,
+                                      rep.rows, rep.sound, search)
         except DeadlineExceeded:
-            return BabResult(None, float(queue.lb.min()), domains=count, timed_out=True, history=history,
+            return BabResult(None, low(queue), domains=count, timed_out=True, history=history,
                              message=f"bab: out of time with {queue.size} open domains")
         count += kids.size
         done = kids.lb > 0
@@ -403,19 +481,18 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
         if open_kids.size:
             x = search_counterexample(problem, i, net, open_kids, options.attack_steps)
             if x is not None:
-                return BabResult(Verdict.FALSIFIED, float(queue.lb.min()), x, count, history=history)
+                return BabResult(Verdict.FALSIFIED, low(queue), x, count, history=history)
         queue = Domains.cat([others, open_kids]) if (others.size or open_kids.size) else open_kids
         history.append((time.perf_counter() - t0, queue.size))
         if stuck is not None:
             break
         if queue.size and queue.nbytes() > options.max_bytes:
-            return BabResult(None, float(queue.lb.min()), domains=count, history=history,
+            return BabResult(None, low(queue), domains=count, history=history,
                              message=f"bab: the domain queue ({queue.size} domains, "
                                      f"{queue.nbytes() / 2**20:.0f} MiB) passed its memory bound "
                                      f"({options.max_bytes / 2**20:.0f} MiB); undecided")
     if stuck is not None:
-        low = min(float(stuck.lb.min()), float(queue.lb.min()) if queue.size else math.inf)
-        return BabResult(None, low, domains=count, history=history,
+        return BabResult(None, min(low(stuck), low(queue)), domains=count, history=history,
                          message="bab: a domain with every unstable ReLU split is still unproved; undecided")
     return BabResult(Verdict.VERIFIED, proven, domains=count, history=history)
 
@@ -441,7 +518,7 @@ def solve_leaves(problem: Problem, i: int, net: _Net, doms: Domains,
     graph = net.graph
     index = {n.name: n.index for n in graph.nodes}
     proved = torch.zeros(doms.size, dtype=torch.bool, device=doms.rows.device)
-    regions = problem.region_max(doms.rows).clone()  # (D, R)
+    regions = problem.region_max(doms.sound).clone()  # (D, R) proven (a row estimate never skips an LP)
     lowest = math.inf
     for k in range(doms.size):
         if time.perf_counter() > deadline:
@@ -471,6 +548,19 @@ def solve_leaves(problem: Problem, i: int, net: _Net, doms: Domains,
             if x is not None:
                 return proved, lowest, x
     return proved, lowest, None
+
+
+def _search_dtype(problem: Problem, net: _Net, given: dict[str, Box], input_mode: bool,
+                  options: BabOptions) -> torch.dtype | None:
+    """The dtype children are bounded in before a float64 confirmation (``bound_children``): the
+    model's, when ``low_precision`` is on, it is not float64, ``refine`` is off and (ReLU
+    splitting) every split node has known bounds; else None (float64 throughout)."""
+    param = next(problem.model.parameters(), None)
+    if not options.low_precision or options.refine or param is None or param.dtype == torch.float64:
+        return None
+    if not input_mode and not all(k in given for k in net.pre):
+        return None
+    return param.dtype
 
 
 def _known_bounds(problem: Problem, i: int, net: _Net, deadline: float) -> dict[str, Box]:

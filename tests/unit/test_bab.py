@@ -359,3 +359,75 @@ def test_fully_split_domains_are_decided_by_an_exact_lp():
     with torch.no_grad():
         m = model(pts) @ margin_matrix(y[:1], 3)[0].to(torch.float64).T
     assert 0 < bab.margin_lb <= float(m.min()) + 1e-9
+
+
+def _inflate_float32_bounds(monkeypatch, by: float = 100.0, cap: float | None = None) -> list[torch.dtype]:
+    """Every float32 ``ct.bound`` call reports lower bounds ``by`` too high (a wrong estimate),
+    at most ``cap``; returns the list of dtypes the calls ran in."""
+    import certorch.bounds.api as api
+
+    real, dtypes = api.bound, []
+
+    def inflated(*a, **k):
+        res = real(*a, **k)
+        dtypes.append(k.get("dtype"))
+        if k.get("dtype") == torch.float32:
+            res.lower.add_(by)
+            if cap is not None:
+                res.lower.clamp_(max=cap)
+        return res
+
+    monkeypatch.setattr(api, "bound", inflated)
+    return dtypes
+
+
+def _float32_case(seed: int, eps: float, sample: int | None = None):
+    model = _net(seed % 13, (20, 24, 16, 3)).float()
+    x = torch.rand(2, 20, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if sample is not None:
+        x = x[sample : sample + 1]
+    with torch.no_grad():
+        y = model(x.float()).argmax(1)
+    return model, x, y, eps
+
+
+#: (seed, eps, sample): searches of 41 to 385 domains that verify, and two that falsify only after
+#: 15 and 39 domains (eps just above the MILP's robust radius, 0.11024 and 0.13042)
+SEARCHES = [(3, 0.3, None), (11, 0.3, None), (3, 0.1103, 1), (13, 0.1305, 0)]
+
+
+@pytest.mark.parametrize("seed, eps, sample", SEARCHES)
+def test_float32_search_reaches_the_milp_verdicts_on_float32_nets(monkeypatch, seed, eps, sample):
+    """Children bounded in float32 (confirmed in float64): the same verdicts as the complete MILP."""
+    model, x, y, eps = _float32_case(seed, eps, sample)
+    dtypes = _inflate_float32_bounds(monkeypatch, by=0.0)  # only records the calls' dtypes
+    bab = certify_batch(model, x, y, eps, stages="bab", timeout=60)
+    monkeypatch.undo()
+    milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
+    assert [a.verdict for a in bab] == [b.verdict for b in milp], [a.message for a in bab]
+    assert torch.float32 in dtypes and torch.float64 in dtypes
+
+
+@pytest.mark.parametrize("seed, eps, sample", SEARCHES)
+def test_wrong_float32_estimates_never_prove_a_domain(monkeypatch, seed, eps, sample):
+    """Even when every float32 bound is 100 too high (every child looks proved), only the float64
+    confirmation proves: the verdicts stay those of the complete MILP."""
+    model, x, y, eps = _float32_case(seed, eps, sample)
+    _inflate_float32_bounds(monkeypatch)
+    bab = certify_batch(model, x, y, eps, stages="bab", timeout=60)
+    monkeypatch.undo()
+    milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
+    assert [a.verdict for a in bab] == [b.verdict for b in milp], [a.message for a in bab]
+
+
+def test_an_undecided_search_reports_a_proven_lower_bound_not_an_estimate(monkeypatch):
+    """Stopped by its memory bound after one step, with float32 estimates that are too high but
+    never positive (nothing looks proved, the queue holds only estimates): the reported lower
+    bound is a float64-proven one, below the margin of the MILP's counterexample."""
+    model, x, y, eps = _float32_case(13, 0.1305, 0)
+    milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)[0]
+    assert milp.verdict == Verdict.FALSIFIED and milp.margin_ub < 0
+    _inflate_float32_bounds(monkeypatch, cap=-1e-12)
+    r = branch_and_bound(_problem(model, x, y, eps), 0, math.inf, BabOptions(batch=2, iters=2, max_bytes=1))
+    assert r.verdict is None and "memory bound" in r.message
+    assert r.lower <= milp.margin_ub
