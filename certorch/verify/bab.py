@@ -375,10 +375,9 @@ def search_counterexample(problem: Problem, i: int, net: _Net, doms: Domains, st
     idx = torch.full((x.shape[0],), i, dtype=torch.long)
     step = (hi - lo) / 8
     graph = net.graph
-    param = next(problem.model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float64
+    dtype = problem.model_dtype()
     for t in range(steps + 1):
-        xg = x.to(dtype).requires_grad_(t < steps)
+        xg = x.detach().to(dtype).requires_grad_(t < steps)  # a new leaf, also when dtype is float64
         with torch.set_grad_enabled(t < steps):
             val = problem.values(graph.forward(xg)[graph.output].flatten(1), idx).amin(dim=1)
         check = val.detach() <= 0
@@ -555,12 +554,12 @@ def _search_dtype(problem: Problem, net: _Net, given: dict[str, Box], input_mode
     """The dtype children are bounded in before a float64 confirmation (``bound_children``): the
     model's, when ``low_precision`` is on, it is not float64, ``refine`` is off and (ReLU
     splitting) every split node has known bounds; else None (float64 throughout)."""
-    param = next(problem.model.parameters(), None)
-    if not options.low_precision or options.refine or param is None or param.dtype == torch.float64:
+    dtype = problem.model_dtype()
+    if not options.low_precision or options.refine or dtype == torch.float64:
         return None
     if not input_mode and not all(k in given for k in net.pre):
         return None
-    return param.dtype
+    return dtype
 
 
 def _known_bounds(problem: Problem, i: int, net: _Net, deadline: float) -> dict[str, Box]:

@@ -51,6 +51,11 @@ class Problem:
     def batch(self) -> int:
         return self.box.lower.shape[0]
 
+    def model_dtype(self, default: torch.dtype = torch.float64) -> torch.dtype:
+        """dtype of the model's parameters (``default`` for a model without any)."""
+        param = next(self.model.parameters(), None)
+        return param.dtype if param is not None else default
+
     @property
     def center(self) -> Tensor:
         return self.x if self.x is not None else self.box.center
@@ -227,7 +232,7 @@ class AlphaCrownStage(BoundStage):
             self._warm = self.optimise_slopes(problem, idx, deadline)
             return super().run_until(problem, idx, deadline)
         except MemoryBudgetError:
-            self._given, self._warm = crown_intermediate(problem, idx, deadline), None
+            self._given = crown_intermediate(problem, idx, deadline)
             self._warm = self.optimise_slopes(problem, idx, deadline)
             return super().run_until(problem, idx, deadline)
 
@@ -237,8 +242,7 @@ class AlphaCrownStage(BoundStage):
         left to the float64 pass."""
         from certorch.bounds.api import bound
 
-        param = next(problem.model.parameters(), None)
-        dtype = param.dtype if param is not None else torch.float64
+        dtype = problem.model_dtype()
         if not self.low_precision or dtype == torch.float64:
             return None
         now = time.perf_counter()
@@ -321,8 +325,7 @@ class AttackStage(Stage):
             if self.name == "pgd":
                 kw.update(restarts=self.restarts, loss="margin")
             atk = build_attack(self.name, **kw)
-            param = next(problem.model.parameters(), None)
-            dt = param.dtype if param is not None else torch.float32
+            dt = problem.model_dtype(torch.float32)
             c, r = box.center.to(dt), box.radius.to(dt)
             res = atk(problem.model, c, problem.y[idx], r, box.lower.to(dt), box.upper.to(dt))
             x_adv, hit = res.x_adv.to(torch.float64), res.success
