@@ -42,16 +42,21 @@ under the splits (intersected with the parent's). It is off by default: measured
 thread (mnist_fc 256x4 prop_6_0.03, oval21 deep img1052) it bounded fewer domains for similar or
 worse final bounds; the multipliers already carry the splits into the bound.
 
-Precision: the root is bounded in float64. When the model is float32 (most are), the children
-are bounded in float32 (``BabOptions.low_precision``; about half the time per pass) and only the
-children whose float32 bound is positive are bounded again in float64, warm-started from the
+Precision: everything is bounded in float64 by default. With ``BabOptions(low_precision=True)``
+and a float32 model the root is bounded in float64, the children in float32 (about half the time
+per pass), and only the children whose float32 bound is positive are bounded again in float64, warm-started from the
 float32 slopes and multipliers (one pass, plus a CROWN pass) and floored by their parents'
 *proven* rows. A domain counts as proved only from that float64 bound; the float32 values steer
 the search (order, branching, floors of the float32 bounds) and are never reported. Each domain
 keeps both: ``rows`` (what the search sees) and ``sound`` (float64-proven rows, reported as the
 lower bound of an undecided search, and what the exact LP leaves skip proved regions by). The
 pre-activation bounds stay float64 (the known ones restricted to the splits). ``refine`` bounds
-in float64 throughout.
+in float64 throughout. Why it is off by default: the float32 floors carry rows that turned
+positive in an ancestor down the tree as *estimates*, and the one float64 pass at the end must
+re-prove every row at once; measured on mnist_fc 256x4 prop_3_0.05 that failed over and over (the
+queue grew to 3,972 domains in 60 s; float64: proved in 9 s, 2,451 domains), while colt_mnist
+images gained (a proof in 5.5 s instead of 9.3 s). Confirming rows in float64 as they first turn
+positive (so proven rows accumulate like the float64 floors) is the fix to try next.
 
 Memory: the queue's tensors are counted after each step; past ``max_bytes`` the search stops
 with UNKNOWN and says so (it never grows until the machine kills the process).
@@ -95,9 +100,9 @@ class BabOptions:
     instead of ReLUs when the input has at most this many elements; ``attack_steps``:
     sign-gradient steps from each child's bound minimiser; ``refine``: recompute the children's
     bounds of the layers after their new split by CROWN under the splits (intersected with the
-    parent's) instead of keeping the parent's; ``low_precision``: bound the children in the model's
-    dtype when it is not float64 and confirm the ones that look proved in float64 (see the module
-    doc; off with ``refine`` or without known intermediate bounds).
+    parent's) instead of keeping the parent's; ``low_precision`` (off by default, see the module
+    doc): bound the children in the model's dtype when it is not float64 and confirm the ones that
+    look proved in float64 (not with ``refine`` or without known intermediate bounds).
     """
 
     batch: int = 64
@@ -107,7 +112,7 @@ class BabOptions:
     input_split_dims: int = 16
     attack_steps: int = 5
     refine: bool = False
-    low_precision: bool = True
+    low_precision: bool = False
 
 
 @dataclass

@@ -396,12 +396,22 @@ def _float32_case(seed: int, eps: float, sample: int | None = None):
 SEARCHES = [(3, 0.3, None), (11, 0.3, None), (3, 0.1103, 1), (13, 0.1305, 0)]
 
 
+def _float32_search(model, x, y, eps) -> list:
+    """Verdicts of branch and bound with the float32 search (``low_precision=True``), per example."""
+    p = _problem(model, x, y, eps)
+    return [branch_and_bound(p, k, math.inf, BabOptions(low_precision=True)) for k in range(x.shape[0])]
+
+
+def test_float32_search_is_opt_in():
+    assert BabOptions().low_precision is False
+
+
 @pytest.mark.parametrize("seed, eps, sample", SEARCHES)
 def test_float32_search_reaches_the_milp_verdicts_on_float32_nets(monkeypatch, seed, eps, sample):
     """Children bounded in float32 (confirmed in float64): the same verdicts as the complete MILP."""
     model, x, y, eps = _float32_case(seed, eps, sample)
     dtypes = _inflate_float32_bounds(monkeypatch, by=0.0)  # only records the calls' dtypes
-    bab = certify_batch(model, x, y, eps, stages="bab", timeout=60)
+    bab = _float32_search(model, x, y, eps)
     monkeypatch.undo()
     milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
     assert [a.verdict for a in bab] == [b.verdict for b in milp], [a.message for a in bab]
@@ -414,7 +424,7 @@ def test_wrong_float32_estimates_never_prove_a_domain(monkeypatch, seed, eps, sa
     confirmation proves: the verdicts stay those of the complete MILP."""
     model, x, y, eps = _float32_case(seed, eps, sample)
     _inflate_float32_bounds(monkeypatch)
-    bab = certify_batch(model, x, y, eps, stages="bab", timeout=60)
+    bab = _float32_search(model, x, y, eps)
     monkeypatch.undo()
     milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
     assert [a.verdict for a in bab] == [b.verdict for b in milp], [a.message for a in bab]
@@ -428,6 +438,7 @@ def test_an_undecided_search_reports_a_proven_lower_bound_not_an_estimate(monkey
     milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)[0]
     assert milp.verdict == Verdict.FALSIFIED and milp.margin_ub < 0
     _inflate_float32_bounds(monkeypatch, cap=-1e-12)
-    r = branch_and_bound(_problem(model, x, y, eps), 0, math.inf, BabOptions(batch=2, iters=2, max_bytes=1))
+    r = branch_and_bound(_problem(model, x, y, eps), 0, math.inf, BabOptions(batch=2, iters=2, max_bytes=1,
+                                                                                 low_precision=True))
     assert r.verdict is None and "memory bound" in r.message
     assert r.lower <= milp.margin_ub
