@@ -247,11 +247,10 @@ class AlphaCrownStage(BoundStage):
             return None
         now = time.perf_counter()
         inner = now + 0.8 * (deadline - now) if math.isfinite(deadline) else None
-        given = None if self._given is None else {k: b.to(dtype) for k, b in self._given.items()}
-        with torch.no_grad():
-            res = bound(problem.model, problem.center[idx].to(dtype), method="alpha-crown", C=problem.C[idx].to(dtype),
-                        box=problem.box[idx].to(dtype), dtype=dtype, upper=False, alpha_iters=self.iters,
-                        alpha_lr=self.lr, deadline=inner, **({} if given is None else {"intermediate_bounds": given}))
+        with torch.no_grad():  # ct.bound casts the point, box, spec and given bounds to ``dtype``
+            res = bound(problem.model, problem.center[idx], method="alpha-crown", C=problem.C[idx], box=problem.box[idx],
+                        dtype=dtype, upper=False, alpha_iters=self.iters, alpha_lr=self.lr, deadline=inner,
+                        intermediate_bounds=self._given)
         return res.extra.get("alpha")
 
     def bound_options(self, problem, idx):
