@@ -3,6 +3,14 @@
   certorch certify runs/mnist_small_pgd --eps 0.02 --n 1000 --stages pgd,ibp,crown,lp,milp --timeout 60
   certorch certify mnist_small --weights model.safetensors --data mnist --eps 0.1 --workers 2
   certorch certify runs/x --eps-sweep 0.01,0.02,0.05 --stages pgd,crown --out runs/x/certify
+  certorch certify runs/x --n 10000 --stages pgd,ibp,crown --out runs/x/cheap
+  certorch certify runs/x --n 10000 --refine runs/x/cheap --sample 200 --out runs/x/complete
+
+``--refine DIR`` carries over the verdicts an earlier (cheaper) run in ``DIR`` decided (verified,
+falsified, misclassified) and runs only the rest; ``--sample K`` runs a seeded uniform sample of K
+of those, and the summary then estimates the certified accuracy of all N examples (proved lower
+bound, estimate with a 95 % interval, upper bound); a larger K with the same seed extends the
+same sample.
 
 Writes ``OUT/results-eps{eps}.jsonl`` (one line per example; rerunning skips examples already
 there), ``OUT/counterexamples/`` (float64 counterexamples, safetensors), ``OUT/summary.json``
@@ -45,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float64", action="store_true", help="run the model (clean pass, attacks) in float64 too")
     p.add_argument("--out", default=None, help="output folder (default: RUN/certify or runs/certify-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--refine", default=None, metavar="DIR",
+                   help="an earlier run's output folder: carry over the examples it decided, run only the rest")
+    p.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="run a seeded uniform sample of K of the examples left to run and estimate the whole set")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
 
 
 def _parse_eps(args) -> list[float]:
@@ -129,6 +142,100 @@ def read_done(path: Path) -> dict[int, dict]:
     return dict(_jsonl(path, lambda d: (int(d["index"]), d)))
 
 
+DECIDED = ("verified", "falsified", "not_verified")
+
+
+def read_refine(folder: Path, eps: float, labels) -> dict[int, dict]:
+    """The rows an earlier run's ``folder/results-eps{eps}.jsonl`` decided (verified / falsified /
+    not_verified), by index, for the ``len(labels)`` examples; a row whose label differs from
+    ``labels`` (a (N,) tensor) means other data and is an error."""
+    from certorch.errors import CertorchError
+
+    path = Path(folder) / f"results-eps{eps:g}.jsonl"
+    if not path.is_file():
+        raise CertorchError(f"--refine: no results for eps={eps:g} in {folder} ({path.name} not found)")
+    rows = {i: d for i, d in read_done(path).items() if i < len(labels) and d.get("verdict") in DECIDED}
+    for i, d in rows.items():
+        if int(d.get("label", -1)) != int(labels[i]):
+            raise CertorchError(f"--refine: {path} has label {d.get('label')} for example {i}, the data has "
+                                f"{int(labels[i])}: not the same test set")
+    return rows
+
+
+def check_carried(model, images, labels, carried: dict[int, dict], folder, batch: int = 1024) -> None:
+    """Refuse verdicts carried over from another model: each carried example's clean prediction
+    (``model`` on ``images``, (N, ...), with ``labels`` (N,)) must agree with its row (correct for
+    verified / falsified, wrong for not_verified). A cheap guard, not a proof that it is the same
+    model."""
+    import torch
+
+    from certorch.errors import CertorchError
+
+    idx = sorted(carried)
+    if not idx:
+        return
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        correct = torch.cat([model(images[idx[k:k + batch]].to(dtype)).argmax(-1) == labels[idx[k:k + batch]]
+                             for k in range(0, len(idx), batch)])
+    expected = torch.tensor([carried[i]["verdict"] != "not_verified" for i in idx])
+    bad = int((correct != expected).sum())
+    if bad:
+        raise CertorchError(f"--refine: this model's clean predictions disagree with {bad} of the {len(idx)} verdicts "
+                            f"carried from {folder}: not the model that wrote them")
+
+
+def sample_indices(pool: list[int], k: int | None, seed: int) -> list[int]:
+    """``k`` indices of ``pool`` drawn uniformly without replacement (all of them when ``k`` is None),
+    in draw order: the first ``k`` of one seeded permutation, so a larger ``k`` with the same seed
+    extends the smaller sample and a rerun draws the same one."""
+    import torch
+
+    if k is None or k >= len(pool):
+        return list(pool)
+    g = torch.Generator().manual_seed(seed)
+    return [pool[int(j)] for j in torch.randperm(len(pool), generator=g)[:k]]
+
+
+def _wilson(hits: int, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion with ``hits`` of ``n`` (n may be an effective size)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sampled_estimate(carried: list[dict], sampled: list[dict], population: int, pool: int) -> dict:
+    """Certified accuracy of ``population`` examples from the decided rows ``carried`` and a uniform
+    sample ``sampled`` (rows) of the ``pool`` other examples (timeouts, errors, unknowns count as not
+    certified: the estimate is of what this pipeline certifies at this timeout).
+
+    ``certified_lower`` is proved (every verified row), ``certified_upper`` is sound too (all but
+    the falsified and misclassified rows); the estimate scales the sample's verified fraction to the
+    pool and its 95 % interval is Wilson's, with the sample size inflated by the finite-population
+    correction (exact when the whole pool is sampled) and clipped to the sound bounds. Fractions of
+    ``population``."""
+    n, s = population, len(sampled)
+    verified = lambda rows: sum(r["verdict"] == "verified" for r in rows)  # noqa: E731
+    refuted = lambda rows: sum(r["verdict"] in ("falsified", "not_verified") for r in rows)  # noqa: E731
+    vc, vs = verified(carried), verified(sampled)
+    lower, upper = (vc + vs) / n, (n - refuted(carried) - refuted(sampled)) / n
+    if s == 0:
+        est, lo, hi = float("nan"), lower, upper
+    elif s >= pool:
+        est = lo = hi = (vc + vs) / n
+    else:
+        n_eff = s * (pool - 1) / (pool - s)
+        p_lo, p_hi = _wilson(vs, n_eff)
+        est = (vc + pool * vs / s) / n
+        lo, hi = (vc + pool * p_lo) / n, (vc + pool * p_hi) / n
+    return {"population": n, "carried": len(carried), "pool": pool, "sampled": s,
+            "certified_lower": lower, "certified_estimate": est,
+            "certified_ci95": [max(lo, lower), min(hi, upper)], "certified_upper": upper}
+
+
 def summarize(rows: list[dict], eps: float) -> dict:
     """Summary of per-example JSON rows: accuracies, counts per verdict and deciding stage, time."""
     n = len(rows)
@@ -188,6 +295,10 @@ def run(args: argparse.Namespace) -> int:
         raise CertorchError(f"--workers must be >= 1, got {args.workers}")
     if args.threads < 1 or args.chunk < 1:
         raise CertorchError("--threads and --chunk must be >= 1")
+    if args.sample is not None and args.sample < 1:
+        raise CertorchError(f"--sample must be >= 1, got {args.sample}")
+    if args.refine is not None and not Path(args.refine).is_dir():
+        raise CertorchError(f"--refine: no such folder: {args.refine}")
     if args.address:
         from certorch.distributed.ray_certify import check_address
 
@@ -208,14 +319,23 @@ def run(args: argparse.Namespace) -> int:
         for eps in eps_list:
             jsonl = out / f"results-eps{eps:g}.jsonl"
             done = read_done(jsonl)
-            todo = [i for i in range(len(ds.labels)) if i not in done]
+            carried = read_refine(Path(args.refine), eps, ds.labels) if args.refine else {}
+            check_carried(model, ds.images, ds.labels, carried, args.refine)
+            pool = [i for i in range(len(ds.labels)) if i not in carried]
+            chosen = sample_indices(pool, args.sample, args.seed)
+            wanted = sorted(set(carried) | set(chosen))
+            todo = [i for i in chosen if i not in done]
             x = ds.images[todo]
             if args.float64:
                 x = x.to(torch.float64)
             y = ds.labels[todo]
-            bar = tqdm(total=len(ds.labels), initial=len(done), desc=f"certify eps={eps:g}", unit="ex",
+            bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc=f"certify eps={eps:g}", unit="ex",
                        disable=args.no_progress)
             with open_append(jsonl) as f:
+                for i in sorted(set(carried) - set(done)):
+                    done[i] = carried[i]
+                    f.write(json.dumps(carried[i]) + "\n")
+                f.flush()
                 if todo:
                     for results in certify_sharded(model, x, y, eps, args.stages, args.timeout, index=todo,
                                                    workers=args.workers, address=args.address,
@@ -232,7 +352,12 @@ def run(args: argparse.Namespace) -> int:
                         f.flush()
                         bar.update(len(results))
             bar.close()
-            summaries.append(summarize([done[i] for i in sorted(done) if i < len(ds.labels)], eps))
+            summary = summarize([done[i] for i in wanted if i in done], eps)
+            if args.sample is not None:
+                summary["estimate"] = sampled_estimate([done[i] for i in sorted(carried) if i in done],
+                                                       [done[i] for i in chosen if i in done],
+                                                       len(ds.labels), len(pool))
+            summaries.append(summary)
     finally:
         shutdown()
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
@@ -241,6 +366,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(summaries, cols))
     for s in summaries:
         print(f"eps={s['eps']:g} decided by stage: " + ", ".join(f"{k}={v}" for k, v in s["decided_by"].items()))
+        if "estimate" in s:
+            e = s["estimate"]
+            print(f"eps={s['eps']:g} certified accuracy of all {e['population']} examples: estimate "
+                  f"{e['certified_estimate']:.2%} (95 % CI {e['certified_ci95'][0]:.2%}-{e['certified_ci95'][1]:.2%}; "
+                  f"proved {e['certified_lower']:.2%}, at most {e['certified_upper']:.2%}) from {e['sampled']} of "
+                  f"{e['pool']} examples sampled, {e['carried']} carried over")
     if len(summaries) > 1:
         print(f"plot: {_plot(summaries, out)}")
     print(f"results: {out}")

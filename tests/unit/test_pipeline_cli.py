@@ -79,3 +79,70 @@ def test_two_ray_workers_give_the_same_verdicts_as_one():
     finally:
         shutdown()
     assert one == two and len(one) == 10
+
+
+def _rows(path):
+    return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_refine_carries_decided_verdicts_and_runs_only_the_rest(weights, tmp_path):
+    cheap, full = tmp_path / "cheap", tmp_path / "full"
+    args = _args(weights, cheap, "--n", "12")
+    args[args.index("--stages") + 1] = "pgd"
+    assert main(args) == 0
+    before = _rows(cheap / "results-eps0.02.jsonl")
+    decided = {i: r for i, r in before.items() if r["verdict"] in ("verified", "falsified", "not_verified")}
+    assert 0 < len(decided) < 12  # the untrained net misclassifies some, PGD decides no correct one
+    assert main(_args(weights, full, "--n", "12", "--refine", str(cheap))) == 0
+    after = _rows(full / "results-eps0.02.jsonl")
+    assert sorted(after) == list(range(12))
+    assert all(after[i] == r for i, r in decided.items())  # carried over as they were
+    assert all(after[i]["stage_seconds"].keys() >= {"crown"} for i in after if i not in decided)
+
+
+def test_sample_runs_k_of_the_pool_reruns_the_same_and_extends(weights, tmp_path):
+    assert main(_args(weights, tmp_path, "--n", "12", "--sample", "3", "--seed", "1")) == 0
+    first = set(_rows(tmp_path / "results-eps0.02.jsonl"))
+    assert len(first) == 3
+    assert main(_args(weights, tmp_path, "--n", "12", "--sample", "3", "--seed", "1")) == 0
+    assert set(_rows(tmp_path / "results-eps0.02.jsonl")) == first  # nothing new
+    assert main(_args(weights, tmp_path, "--n", "12", "--sample", "5", "--seed", "1")) == 0
+    grown = set(_rows(tmp_path / "results-eps0.02.jsonl"))
+    assert len(grown) == 5 and first < grown
+    est = json.loads((tmp_path / "summary.json").read_text())[0]["estimate"]
+    assert est["population"] == 12 and est["sampled"] == 5 and est["pool"] == 12
+    lo, hi = est["certified_ci95"]
+    assert est["certified_lower"] <= lo <= est["certified_estimate"] <= hi <= est["certified_upper"]
+
+
+def test_refine_from_another_model_is_refused(weights, tmp_path, capsys):
+    cheap = tmp_path / "cheap"
+    args = _args(weights, cheap, "--n", "12")
+    args[args.index("--stages") + 1] = "pgd"
+    assert main(args) == 0
+    rows = [json.loads(ln) for ln in (cheap / "results-eps0.02.jsonl").read_text().splitlines()]
+    for r in rows:  # what a different model would have written: every clean verdict flipped
+        r["verdict"] = "falsified" if r["verdict"] == "not_verified" else "not_verified"
+    (cheap / "results-eps0.02.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(_args(weights, tmp_path / "full", "--n", "12", "--refine", str(cheap))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not the model that wrote them" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--sample", "0"], "--sample must be >= 1"),
+    (["--refine", "/nonexistent/folder"], "no such folder"),
+])
+def test_refine_and_sample_bad_input(weights, tmp_path, capsys, extra, msg):
+    assert main(_args(weights, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+
+
+def test_refine_with_other_labels_is_refused(weights, tmp_path, capsys):
+    cheap = tmp_path / "cheap"
+    cheap.mkdir()
+    (cheap / "results-eps0.02.jsonl").write_text(json.dumps({"index": 0, "label": 99, "verdict": "verified"}) + "\n")
+    assert main(_args(weights, tmp_path / "full", "--refine", str(cheap))) == 2
+    assert "not the same test set" in capsys.readouterr().err
