@@ -197,11 +197,10 @@ def sample_indices(pool: list[int], k: int | None, seed: int) -> list[int]:
     return [pool[int(j)] for j in torch.randperm(len(pool), generator=g)[:k]]
 
 
-def _wilson(hits: int, n: float, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion with ``hits`` of ``n`` (n may be an effective size)."""
+def _wilson(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of an observed proportion ``p`` with (effective) sample size ``n``."""
     if n <= 0:
         return 0.0, 1.0
-    p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -228,7 +227,7 @@ def sampled_estimate(carried: list[dict], sampled: list[dict], population: int, 
         est = lo = hi = (vc + vs) / n
     else:
         n_eff = s * (pool - 1) / (pool - s)
-        p_lo, p_hi = _wilson(vs, n_eff)
+        p_lo, p_hi = _wilson(vs / s, n_eff)
         est = (vc + pool * vs / s) / n
         lo, hi = (vc + pool * p_lo) / n, (vc + pool * p_hi) / n
     return {"population": n, "carried": len(carried), "pool": pool, "sampled": s,

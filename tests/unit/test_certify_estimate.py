@@ -39,6 +39,14 @@ def test_bounds_are_the_proved_and_the_not_refuted_counts():
     assert 0.15 <= lo < est["certified_estimate"] < hi <= 0.88
 
 
+def test_a_sample_of_most_of_the_pool_gives_a_narrow_interval_around_the_estimate():
+    """The finite-population correction shrinks the interval, around the sample's own fraction."""
+    est = sampled_estimate([], _rows(["verified"] * 45 + ["timeout"] * 45), population=100, pool=100)
+    lo, hi = est["certified_ci95"]
+    assert est["certified_estimate"] == pytest.approx(0.5)
+    assert 0.46 < lo < 0.5 < hi < 0.54
+
+
 def test_interval_covers_the_truth_at_about_95_percent():
     rng = random.Random(0)
     pool = ["verified"] * 300 + ["timeout"] * 700
