@@ -221,10 +221,10 @@ def sampled_estimate(carried: list[dict], sampled: list[dict], population: int, 
     refuted = lambda rows: sum(r["verdict"] in ("falsified", "not_verified") for r in rows)  # noqa: E731
     vc, vs = verified(carried), verified(sampled)
     lower, upper = (vc + vs) / n, (n - refuted(carried) - refuted(sampled)) / n
-    if s == 0:
-        est, lo, hi = float("nan"), lower, upper
-    elif s >= pool:
+    if s >= pool:  # the whole pool ran (or nothing was left to run): exact
         est = lo = hi = (vc + vs) / n
+    elif s == 0:
+        est, lo, hi = float("nan"), lower, upper
     else:
         n_eff = s * (pool - 1) / (pool - s)
         p_lo, p_hi = _wilson(vs / s, n_eff)

@@ -62,3 +62,8 @@ def test_interval_covers_the_truth_at_about_95_percent():
 def test_nothing_sampled_gives_only_the_bounds():
     est = sampled_estimate(_rows(["verified"]), [], population=4, pool=3)
     assert est["certified_ci95"] == [0.25, 1.0] and est["certified_estimate"] != est["certified_estimate"]
+
+
+def test_an_empty_pool_gives_the_exact_count():
+    est = sampled_estimate(_rows(["verified", "falsified"]), [], population=2, pool=0)
+    assert est["certified_estimate"] == 0.5 and est["certified_ci95"] == [0.5, 0.5]
