@@ -346,7 +346,8 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
 def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int, Box], opts: AlphaOptions,
               warm: dict | None) -> tuple[Tensor, dict, dict[int, Box]]:
     """Maximise the lower bounds of ``C . f`` over the slopes. Returns (best lower bounds (B, S),
-    exported best slopes per example, intersected intermediate bounds)."""
+    exported best slopes (per spec row when only the spec's rows have slopes, else per example),
+    intersected intermediate bounds)."""
     out = ctx.graph.output
     S = C.shape[1]
     ids = torch.arange(S, device=C.device)
@@ -355,6 +356,7 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
     best_boxes = dict(ref_boxes)
     best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
     best_alpha: dict[tuple, Tensor] = {}
+    best_rows = torch.full_like(best, -math.inf)
     opt = None
     for t in range(opts.iters):
         it = _fresh(ctx, intermediate="crown", alpha=store)
@@ -372,9 +374,18 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
             total = low.detach().sum(1)
             better = total > best_sum
             best_sum = torch.maximum(best_sum, total)
+            # with fixed intermediate bounds (only the spec's rows have slopes) a row's bound depends
+            # on its own slopes and multipliers only: keep each row's best, so the exported state
+            # reproduces every row's best bound (branch and bound's children and float64 checks)
+            per_row = all(k[0] == out for k in store.slots)
+            row_better = low.detach() > best_rows  # (B, S)
+            best_rows = torch.maximum(best_rows, low.detach())
             for key, a in store.slots.items():
                 if key not in best_alpha:
                     best_alpha[key] = a.detach().clone()
+                elif per_row and a.dim() == 3 and a.shape[1] == store.slot_ids[key].numel():
+                    m = row_better[:, store.slot_ids[key].to(row_better.device)].unsqueeze(-1)  # (B, k, 1)
+                    best_alpha[key] = torch.where(m, a.detach(), best_alpha[key])
                 else:
                     best_alpha[key][better] = a.detach()[better]
         keys = list(store.slots)
