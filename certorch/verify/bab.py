@@ -44,19 +44,22 @@ worse final bounds; the multipliers already carry the splits into the bound.
 
 Precision: everything is bounded in float64 by default. With ``BabOptions(low_precision=True)``
 and a float32 model the root is bounded in float64, the children in float32 (about half the time
-per pass), and only the children whose float32 bound is positive are bounded again in float64, warm-started from the
-float32 slopes and multipliers (one pass, plus a CROWN pass) and floored by their parents'
-*proven* rows. A domain counts as proved only from that float64 bound; the float32 values steer
-the search (order, branching, floors of the float32 bounds) and are never reported. Each domain
-keeps both: ``rows`` (what the search sees) and ``sound`` (float64-proven rows, reported as the
-lower bound of an undecided search, and what the exact LP leaves skip proved regions by). The
-pre-activation bounds stay float64 (the known ones restricted to the splits). ``refine`` bounds
-in float64 throughout. Why it is off by default: the float32 floors carry rows that turned
-positive in an ancestor down the tree as *estimates*, and the one float64 pass at the end must
-re-prove every row at once; measured on mnist_fc 256x4 prop_3_0.05 that failed over and over (the
-queue grew to 3,972 domains in 60 s; float64: proved in 9 s, 2,451 domains), while colt_mnist
-images gained (a proof in 5.5 s instead of 9.3 s). Confirming rows in float64 as they first turn
-positive (so proven rows accumulate like the float64 floors) is the fix to try next.
+per pass), and the children with a region whose float32 bound turned positive (and is not proven
+yet) are bounded again in float64, warm-started from the float32 slopes and multipliers (one
+pass, plus a CROWN pass) and floored by their parents' *proven* rows; their rows become the
+float64 ones. A domain counts as proved only from a float64 bound; the float32 values steer the
+search (order, branching, floors of the float32 bounds) and are never reported. Each domain keeps
+both: ``rows`` (what the search sees) and ``sound`` (float64-proven rows, reported as the lower
+bound of an undecided search, and what the exact LP leaves skip proved regions by); a region
+positive in ``rows`` is positive in ``sound``. The pre-activation bounds stay float64 (the known
+ones restricted to the splits). ``refine`` bounds in float64 throughout. The one warm float64
+pass reproduces the float32 rows because alpha-CROWN exports each spec row's best slopes when the
+intermediate bounds are fixed (``certorch/bounds/alpha.py``); with the best-sum slopes per
+example it did not, and mnist_fc 256x4 prop_3_0.05 timed out (3,972 open domains) where float64
+proved it. Measured with both fixes (``benchmarks/bab_precision.py``, docs/verification.md): that
+instance 6.1 s (float64 8.7 s), oval21 proofs 13.5 / 22.4 / 5.0 s (float64 17.9 / 31.7 / 5.1 s),
+colt_mnist the same verdicts about 1 s sooner. Still opt-in: the whole VNN-COMP set was not rerun
+with it.
 
 Memory: the queue's tensors are counted after each step; past ``max_bytes`` the search stops
 with UNKNOWN and says so (it never grows until the machine kills the process).
@@ -263,22 +266,25 @@ def bound_children(problem: Problem, i: int, net: _Net, box: Box, splits: dict[s
     """Children of one step (aligned with their parents' ``floor`` rows and ``sound`` rows).
 
     ``search`` None: bounded in float64 (every row proven). Else bounded in ``search`` (the model's
-    dtype: about half the time of float64), and the children whose estimate is positive are
-    bounded again in float64 from the slopes and multipliers found (one warm pass and a CROWN
-    pass, floored by the parents' proven rows): only that confirmation proves a child; the rest
-    keep their estimates for the search and their parents' proven rows."""
+    dtype: about half the time of float64), and the children with a region whose estimate turned
+    positive (not yet proven) are bounded again in float64 from the slopes and multipliers found
+    (one warm pass and a CROWN pass, floored by the parents' proven rows); their rows become the
+    float64 ones, so an estimate that did not hold is not inherited. Invariant: a region positive
+    in ``rows`` is positive in ``sound``, so a child whose rows are all positive is proven. The
+    rest keep their estimates for the search and their parents' proven rows."""
     if search is None:
         return bound_domains(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor=floor)
     kids = bound_domains(problem, i, net, box, splits, given, alpha, iters, deadline, None, floor=floor, sound=sound,
                          dtype=search)
-    looks_proved = kids.lb > 0
-    if not bool(looks_proved.any()):
+    new_regions = (problem.region_max(kids.rows) > 0) & ~(problem.region_max(kids.sound) > 0)  # (D, R)
+    confirm = new_regions.any(dim=1)
+    if not bool(confirm.any()):
         return kids
-    pos = looks_proved.nonzero().flatten()
+    pos = confirm.nonzero().flatten()
     c = kids.select(pos)
     confirmed = bound_domains(problem, i, net, c.box, c.splits, {k: v[pos] for k, v in given.items()}, c.alpha, 1,
                               deadline, None, floor=c.sound)
-    return Domains.cat([kids.select((~looks_proved).nonzero().flatten()), confirmed])
+    return Domains.cat([kids.select((~confirm).nonzero().flatten()), confirmed])
 
 
 def _unproved_rows(doms: Domains) -> Tensor:

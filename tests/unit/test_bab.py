@@ -125,9 +125,8 @@ def test_bad_splits_are_refused_with_one_line(bad, match):
         ct.bound(model, x, 0.1, method="crown", splits=bad)
 
 
-def _problem(model, x, y, eps) -> Problem:
+def _problem(model, x, y, eps, K: int = 3) -> Problem:
     box = linf_ball(x, eps, 0.0, 1.0)
-    K = 3
     C = margin_matrix(y, K).to(torch.float64)
     d = torch.zeros(C.shape[:2], dtype=torch.float64)
     return Problem(model, box, C, d, tuple((r,) for r in range(K - 1)), x=x, y=y, eps=eps)
@@ -361,9 +360,10 @@ def test_fully_split_domains_are_decided_by_an_exact_lp():
     assert 0 < bab.margin_lb <= float(m.min()) + 1e-9
 
 
-def _inflate_float32_bounds(monkeypatch, by: float = 100.0, cap: float | None = None) -> list[torch.dtype]:
+def _inflate_float32_bounds(monkeypatch, by: float = 100.0, cap: float | None = None,
+                            rows: list[int] | None = None) -> list[torch.dtype]:
     """Every float32 ``ct.bound`` call reports lower bounds ``by`` too high (a wrong estimate),
-    at most ``cap``; returns the list of dtypes the calls ran in."""
+    at most ``cap``, on the spec ``rows`` (all without); returns the list of dtypes the calls ran in."""
     import certorch.bounds.api as api
 
     real, dtypes = api.bound, []
@@ -372,7 +372,7 @@ def _inflate_float32_bounds(monkeypatch, by: float = 100.0, cap: float | None = 
         res = real(*a, **k)
         dtypes.append(k.get("dtype"))
         if k.get("dtype") == torch.float32:
-            res.lower.add_(by)
+            res.lower[:, slice(None) if rows is None else rows] += by
             if cap is not None:
                 res.lower.clamp_(max=cap)
         return res
@@ -428,6 +428,36 @@ def test_wrong_float32_estimates_never_prove_a_domain(monkeypatch, seed, eps, sa
     monkeypatch.undo()
     milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
     assert [a.verdict for a in bab] == [b.verdict for b in milp], [a.message for a in bab]
+
+
+def test_a_region_that_turns_positive_in_float32_is_confirmed_at_once_or_dropped(monkeypatch):
+    """Only the first spec row's float32 estimate is too high, so children look half proved: that
+    row is bounded again in float64 at once (proven rows accumulate down the tree, as in a float64
+    search) and never travels down as an estimate. After every step, a region positive in a
+    child's rows is positive in its proven rows; the verdict is the MILP's."""
+    import certorch.verify.bab as bab
+
+    model = _net(5, (20, 24, 16, 5)).float()  # root: rows 0 and 1 unproven, verified after ~100 domains
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x.float()).argmax(1)
+    eps = 0.2
+    p = _problem(model, x, y, eps, K=5)
+    _inflate_float32_bounds(monkeypatch, rows=[0])
+    real, seen = bab.bound_children, []
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(bab, "bound_children", spy)
+    r = branch_and_bound(p, 0, math.inf, BabOptions(low_precision=True))
+    monkeypatch.undo()
+    assert len(seen) > 1
+    for kids in seen:
+        looks = p.region_max(kids.rows) > 0
+        assert not bool((looks & ~(p.region_max(kids.sound) > 0)).any())
+    assert r.verdict == certify_batch(model, x, y, eps, stages="milp", timeout=60)[0].verdict
 
 
 def test_an_undecided_search_reports_a_proven_lower_bound_not_an_estimate(monkeypatch):
