@@ -162,9 +162,19 @@ def read_refine(folder: Path, eps: float, labels) -> dict[int, dict]:
     return rows
 
 
-def check_carried(model, images, labels, carried: dict[int, dict], folder, batch: int = 1024) -> None:
+def clean_correct(model, images, labels, batch: int = 1024):
+    """(N,) bool: the model's clean prediction on ``images`` (N, ...) equals ``labels`` (N,)."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        return torch.cat([model(images[k:k + batch].to(dtype)).argmax(-1) == labels[k:k + batch]
+                          for k in range(0, len(labels), batch)])
+
+
+def check_carried(correct, carried: dict[int, dict], folder) -> None:
     """Refuse verdicts carried over from another model: each carried example's clean prediction
-    (``model`` on ``images``, (N, ...), with ``labels`` (N,)) must agree with its row (correct for
+    (``correct``, (N,) bool, from :func:`clean_correct`) must agree with its row (correct for
     verified / falsified, wrong for not_verified). A cheap guard, not a proof that it is the same
     model."""
     import torch
@@ -174,12 +184,8 @@ def check_carried(model, images, labels, carried: dict[int, dict], folder, batch
     idx = sorted(carried)
     if not idx:
         return
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        correct = torch.cat([model(images[idx[k:k + batch]].to(dtype)).argmax(-1) == labels[idx[k:k + batch]]
-                             for k in range(0, len(idx), batch)])
     expected = torch.tensor([carried[i]["verdict"] != "not_verified" for i in idx])
-    bad = int((correct != expected).sum())
+    bad = int((correct[idx] != expected).sum())
     if bad:
         raise CertorchError(f"--refine: this model's clean predictions disagree with {bad} of the {len(idx)} verdicts "
                             f"carried from {folder}: not the model that wrote them")
@@ -239,7 +245,7 @@ def summarize(rows: list[dict], eps: float) -> dict:
     """Summary of per-example JSON rows: accuracies, counts per verdict and deciding stage, time."""
     n = len(rows)
     verdicts = Counter(r["verdict"] for r in rows)
-    stages = Counter(r["stage"] for r in rows if r["verdict"] in ("verified", "falsified", "not_verified"))
+    stages = Counter(r["stage"] for r in rows if r["verdict"] in DECIDED)
     secs = [r["seconds"] for r in rows]
     frac = lambda k: verdicts.get(k, 0) / n if n else float("nan")  # noqa: E731
     return {
@@ -313,13 +319,15 @@ def run(args: argparse.Namespace) -> int:
     ds = load(dataset, "test", data_dir=data_dir(args), subset=args.n)
     out = Path(args.out) if args.out else default_out
     (out / "counterexamples").mkdir(parents=True, exist_ok=True)
+    correct = clean_correct(model, ds.images, ds.labels) if args.refine else None
     summaries = []
     try:
         for eps in eps_list:
             jsonl = out / f"results-eps{eps:g}.jsonl"
             done = read_done(jsonl)
             carried = read_refine(Path(args.refine), eps, ds.labels) if args.refine else {}
-            check_carried(model, ds.images, ds.labels, carried, args.refine)
+            if args.refine:
+                check_carried(correct, carried, args.refine)
             pool = [i for i in range(len(ds.labels)) if i not in carried]
             chosen = sample_indices(pool, args.sample, args.seed)
             wanted = sorted(set(carried) | set(chosen))
