@@ -42,9 +42,9 @@ under the splits (intersected with the parent's). It is off by default: measured
 thread (mnist_fc 256x4 prop_6_0.03, oval21 deep img1052) it bounded fewer domains for similar or
 worse final bounds; the multipliers already carry the splits into the bound.
 
-Precision: everything is bounded in float64 by default. With ``BabOptions(low_precision=True)``
-and a float32 model the root is bounded in float64, the children in float32 (about half the time
-per pass), and the children with a region whose float32 bound turned positive (and is not proven
+Precision: with a float32 model (``BabOptions(low_precision=True)``, the default since the
+sixteenth session; ``False`` bounds everything in float64) the root is bounded in float64, the
+children in float32 (about half the time per pass; convolutions' adjoints about a quarter), and the children with a region whose float32 bound turned positive (and is not proven
 yet) are bounded again in float64, warm-started from the float32 slopes and multipliers (one
 pass, plus a CROWN pass) and floored by their parents' *proven* rows; their rows become the
 float64 ones. A domain counts as proved only from a float64 bound; the float32 values steer the
@@ -103,7 +103,7 @@ class BabOptions:
     instead of ReLUs when the input has at most this many elements; ``attack_steps``:
     sign-gradient steps from each child's bound minimiser; ``refine``: recompute the children's
     bounds of the layers after their new split by CROWN under the splits (intersected with the
-    parent's) instead of keeping the parent's; ``low_precision`` (off by default, see the module
+    parent's) instead of keeping the parent's; ``low_precision`` (on by default, see the module
     doc): bound the children in the model's dtype when it is not float64 and confirm the ones that
     look proved in float64 (not with ``refine`` or without known intermediate bounds).
     """
@@ -115,7 +115,7 @@ class BabOptions:
     input_split_dims: int = 16
     attack_steps: int = 5
     refine: bool = False
-    low_precision: bool = False
+    low_precision: bool = True
 
 
 @dataclass

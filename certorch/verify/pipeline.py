@@ -55,16 +55,26 @@ def is_linf_dist_net(model: nn.Module) -> bool:
 def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> list[Stage]:
     """Stage objects from names (a list or a comma-separated string); ``clean`` is prepended.
 
-    For L_inf-dist nets ``ibp``/``crown`` become ``linf`` and the LP/MILP stages are dropped
-    (their neurons have no LP encoding).
+    A list may also hold configured :class:`Stage` objects, used as given (e.g.
+    ``["pgd", "crown", BabStage(BabOptions(low_precision=False))]``); a name or object twice is
+    kept once. For L_inf-dist nets ``ibp``/``crown`` become ``linf`` and the LP/MILP stages are
+    dropped (their neurons have no LP encoding).
     """
     if isinstance(names, str):
         names = [s.strip() for s in names.split(",") if s.strip()]
-    names = [n.lower() for n in names]
     linf = model is not None and is_linf_dist_net(model)
     out: list[Stage] = [CleanStage()]
     seen = {"clean"}
     for n in names:
+        if isinstance(n, Stage):
+            if n.name in seen or linf and n.name in _COMPLETE_ONLY:
+                continue
+            seen.add(n.name)
+            out.append(n)
+            continue
+        if not isinstance(n, str):
+            raise CertorchError(f"a verification stage is a name or a Stage object, got {type(n).__name__}")
+        n = n.lower()
         if linf and n in _BOUND_METHODS:
             n = "linf"
         if linf and n in _COMPLETE_ONLY or n in seen:

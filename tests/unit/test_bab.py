@@ -402,8 +402,10 @@ def _float32_search(model, x, y, eps) -> list:
     return [branch_and_bound(p, k, math.inf, BabOptions(low_precision=True)) for k in range(x.shape[0])]
 
 
-def test_float32_search_is_opt_in():
-    assert BabOptions().low_precision is False
+def test_float32_search_is_the_default_and_can_be_turned_off():
+    assert BabOptions().low_precision is True
+    assert BabStage().options.low_precision is True
+    assert BabOptions(low_precision=False).low_precision is False
 
 
 @pytest.mark.parametrize("seed, eps, sample", SEARCHES)

@@ -162,6 +162,21 @@ def test_bad_inputs_raise_one_line_errors(data):
         verify_box(model, Box(x[0], x[0]), torch.ones(2, 5))
 
 
+def test_configured_stage_objects_are_used_as_given(data):
+    from certorch.verify.bab import BabOptions, BabStage
+
+    model, x, y = data
+    bab = BabStage(BabOptions(low_precision=False, batch=8))
+    stages = build_stages(["pgd", "crown", bab, "bab", "milp"])
+    assert [s.name for s in stages] == ["clean", "pgd", "crown", "bab", "milp"]
+    assert stages[3] is bab
+    ref = certify_batch(model, x, y, 0.05, stages="pgd,crown,milp", timeout=20)
+    got = certify_batch(model, x, y, 0.05, stages=["pgd", "crown", bab, "milp"], timeout=20)
+    assert [r.verdict for r in got] == [r.verdict for r in ref]
+    with pytest.raises(ct.CertorchError, match="name or a Stage object"):
+        build_stages(["crown", 3])
+
+
 def test_result_json_roundtrip():
     r = VerificationResult(Verdict.TIMEOUT, "milp", -math.inf, 1.5, {"crown": 0.1, "milp": 1.4}, index=3, label=7)
     back = VerificationResult.from_json(r.to_json())
