@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -129,7 +129,11 @@ class Domains:
     positive ``lb`` is always a float64 proof); ``box``: input boxes (D, *in); ``splits``: pre-activation
     node name -> (D, *shape) int8 signs; ``bounds``: pre-activation node name -> Box (D, *shape);
     ``alpha``: slopes and multipliers (:class:`AlphaState`, batch D) or None; ``coeffs``: node
-    name -> (D, S, *shape) coefficients of the rows at activation outputs and at the input.
+    name -> (D, S, *shape) coefficients of the rows at activation outputs and at the input, kept
+    only while the domains are fresh (the counterexample search starts from them); ``choice``:
+    (D,) the split each domain gets when it is branched (:func:`settle`), set when the domains
+    join the queue, which then drops the coefficients: they were most of its bytes (S rows per
+    neuron), copied at every step.
     """
 
     rows: Tensor
@@ -140,6 +144,7 @@ class Domains:
     bounds: dict[str, Box]
     alpha: AlphaState | None
     coeffs: dict[str, Tensor]
+    choice: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -150,7 +155,8 @@ class Domains:
                        {k: v[idx] for k, v in self.splits.items()},
                        {k: v[idx] for k, v in self.bounds.items()},
                        self.alpha.select(idx) if self.alpha is not None else None,
-                       {k: v[idx] for k, v in self.coeffs.items()})
+                       {k: v[idx] for k, v in self.coeffs.items()},
+                       self.choice[idx] if self.choice is not None else None)
 
     @staticmethod
     def cat(parts: list["Domains"]) -> "Domains":
@@ -163,13 +169,14 @@ class Domains:
             return first
         alpha = AlphaState.cat([p.alpha for p in parts]) if all(p.alpha is not None for p in parts) else None
         coeff_keys = [k for k in first.coeffs if all(k in p.coeffs for p in parts)]
+        choice = torch.cat([p.choice for p in parts]) if all(p.choice is not None for p in parts) else None
         return Domains(torch.cat([p.rows for p in parts]), torch.cat([p.lb for p in parts]),
                        torch.cat([p.sound for p in parts]),
                        Box(torch.cat([p.box.lower for p in parts]), torch.cat([p.box.upper for p in parts])),
                        {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
                        {k: Box(torch.cat([p.bounds[k].lower for p in parts]),
                                torch.cat([p.bounds[k].upper for p in parts])) for k in first.bounds},
-                       alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in coeff_keys})
+                       alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in coeff_keys}, choice)
 
     def sound_lb(self, problem: Problem) -> Tensor:
         """(D,) proven lower bound of each domain's smallest region value (float64)."""
@@ -177,6 +184,7 @@ class Domains:
 
     def nbytes(self) -> int:
         ts = [self.rows, self.lb, self.sound, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]
+        ts += [self.choice] if self.choice is not None else []
         ts += [t for b in self.bounds.values() for t in (b.lower, b.upper)]
         if self.alpha is not None:
             ts += [v for side in self.alpha.sides.values() for _, v in side.values()]
@@ -292,11 +300,17 @@ def _unproved_rows(doms: Domains) -> Tensor:
     return (doms.rows <= 0).to(doms.rows.dtype)
 
 
-def branch_relu(doms: Domains, net: _Net) -> tuple[Domains, Tensor, dict[str, Tensor]]:
-    """Children of every domain by splitting one unstable ReLU input (BaBSR-style score).
+def settle(doms: Domains, net: _Net, input_mode: bool) -> Domains:
+    """The domains as the queue keeps them: each one's split chosen now (:func:`relu_choice` or
+    :func:`input_choice`, from its rows, bounds and coefficients, none of which change while it
+    waits), its coefficients dropped."""
+    choice = input_choice(doms, net) if input_mode else relu_choice(doms, net)
+    return replace(doms, coeffs={}, choice=choice)
 
-    Returns (the parents repeated twice, a mask of parents that had a neuron to split (D,),
-    the children's splits)."""
+
+def relu_choice(doms: Domains, net: _Net) -> Tensor:
+    """(D,) the unstable, unsplit ReLU input each domain splits next, as an index into the split
+    nodes' neurons concatenated in ``net.pre`` order (BaBSR-style score), -1 where none is left."""
     w = _unproved_rows(doms)
     scores, sizes = [], []
     for p in net.pre:
@@ -316,9 +330,18 @@ def branch_relu(doms: Domains, net: _Net) -> tuple[Domains, Tensor, dict[str, Te
         s = neg * intercept + 1e-4 * mag * torch.minimum(u, -l).clamp(min=0) + 1e-12 * width
         scores.append(torch.where(free, s, torch.full_like(s, -math.inf)))
         sizes.append(l.shape[1])
-    flat = torch.cat(scores, 1)
-    best, arg = flat.max(1)
-    ok = torch.isfinite(best)
+    best, arg = torch.cat(scores, 1).max(1)
+    return torch.where(torch.isfinite(best), arg, torch.full_like(arg, -1))
+
+
+def branch_relu(doms: Domains, net: _Net) -> tuple[Domains, Tensor, dict[str, Tensor]]:
+    """Children of every (settled) domain by splitting the ReLU input it chose (:func:`settle`).
+
+    Returns (the parents repeated twice, a mask of parents that had a neuron to split (D,),
+    the children's splits)."""
+    sizes = [int(math.prod(net.shape[p])) for p in net.pre]
+    ok = doms.choice >= 0
+    arg = doms.choice.clamp(min=0)
     offsets = torch.tensor([0] + sizes, device=arg.device).cumsum(0)
     layer = torch.bucketize(arg, offsets[1:], right=True)
     neuron = arg - offsets[layer]
@@ -344,8 +367,8 @@ def _after_new_splits(net: _Net, parents: Domains, splits: dict[str, Tensor]) ->
     return []
 
 
-def branch_input(doms: Domains, net: _Net) -> Box:
-    """Children boxes (2D, *in): each box bisected along its most influential coordinate."""
+def input_choice(doms: Domains, net: _Net) -> Tensor:
+    """(D,) the input coordinate each box is bisected along next: the most influential one."""
     w = _unproved_rows(doms)
     lo, hi = doms.box.lower.flatten(1), doms.box.upper.flatten(1)
     A = doms.coeffs.get(net.input)
@@ -355,7 +378,13 @@ def branch_input(doms: Domains, net: _Net) -> Box:
     else:
         A = A.flatten(2)
         score = (A.abs() * w[:, :, None]).sum(1) * r + 1e-9 * r
-    d = score.argmax(1)
+    return score.argmax(1)
+
+
+def branch_input(doms: Domains, net: _Net) -> Box:
+    """Children boxes (2D, *in): each (settled) box bisected along the coordinate it chose."""
+    lo, hi = doms.box.lower.flatten(1), doms.box.upper.flatten(1)
+    d = doms.choice
     mid = (lo + hi).gather(1, d[:, None]) / 2
     lo2, hi2 = lo.repeat_interleave(2, 0), hi.repeat_interleave(2, 0)
     d2, mid2 = d.repeat_interleave(2), mid.repeat_interleave(2, 0)
@@ -434,12 +463,12 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     proven = math.inf  # smallest bound among proved leaves
     count = 1
     history: list[tuple[float, int]] = []
-    queue = root
     if float(root.lb[0]) > 0:
         return BabResult(Verdict.VERIFIED, float(root.lb[0]), domains=1)
     x = search_counterexample(problem, i, net, root, options.attack_steps)
     if x is not None:
         return BabResult(Verdict.FALSIFIED, float(root.lb[0]), x, 1)
+    queue = settle(root, net, input_mode)
     stuck = None
 
     def low(doms: Domains) -> float:  # proven lower bound over open domains
@@ -492,6 +521,7 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
             x = search_counterexample(problem, i, net, open_kids, options.attack_steps)
             if x is not None:
                 return BabResult(Verdict.FALSIFIED, low(queue), x, count, history=history)
+            open_kids = settle(open_kids, net, input_mode)
         queue = Domains.cat([others, open_kids]) if (others.size or open_kids.size) else open_kids
         history.append((time.perf_counter() - t0, queue.size))
         if stuck is not None:

@@ -320,7 +320,7 @@ def test_children_are_never_bounded_below_their_parent():
     """A child's sub-domain lies in its parent's, so the parent's row bounds hold on it: a few
     warm-started iterations under a new split may land below them (here one iteration does), the
     kept bound never does."""
-    from certorch.verify.bab import _Net, bound_domains, branch_relu
+    from certorch.verify.bab import _Net, bound_domains, branch_relu, settle
     from certorch.verify.stages import crown_intermediate
 
     model = _net(11, (20, 24, 16, 3))
@@ -332,11 +332,43 @@ def test_children_are_never_bounded_below_their_parent():
     given = {k: v for k, v in crown_intermediate(p, torch.tensor([0]), math.inf).items() if k in net.pre}
     root = bound_domains(p, 0, net, p.box[0:1], {}, given, None, 20, math.inf)
     root.splits = {q: torch.zeros((1, *net.shape[q]), dtype=torch.int8) for q in net.pre}
-    rep, ok, splits = branch_relu(root, net)
+    rep, ok, splits = branch_relu(settle(root, net, False), net)
     loose = bound_domains(p, 0, net, rep.box, splits, rep.bounds, rep.alpha, 1, math.inf)
     assert bool((loose.rows < rep.rows - 1e-9).any())  # what the floor is for
     kids = bound_domains(p, 0, net, rep.box, splits, rep.bounds, rep.alpha, 1, math.inf, floor=rep.rows)
     assert (kids.rows >= rep.rows).all() and (kids.lb >= root.lb[0]).all()
+
+
+def test_queued_domains_keep_their_split_choice_not_their_coefficients(monkeypatch):
+    """The queue drops each domain's coefficients (S rows per neuron: most of its bytes, copied
+    at every step) once its split is chosen; branching uses the choice, made from the same rows,
+    bounds and coefficients as before."""
+    import certorch.verify.bab as bab
+    from certorch.verify.stages import crown_intermediate
+
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    p = _problem(model, x, y, 0.25)
+    net = bab._Net(p)
+    given = {k: v for k, v in crown_intermediate(p, torch.tensor([0]), math.inf).items() if k in net.pre}
+    root = bab.bound_domains(p, 0, net, p.box[0:1], {}, given, None, 20, math.inf)
+    root.splits = {q: torch.zeros((1, *net.shape[q]), dtype=torch.int8) for q in net.pre}
+    settled = bab.settle(root, net, False)
+    assert settled.coeffs == {} and root.coeffs and settled.nbytes() < root.nbytes()
+    assert torch.equal(settled.choice, bab.relu_choice(root, net))
+    parents_seen = []
+    real = bab.branch_relu
+
+    def spy(doms, net_):
+        parents_seen.append((dict(doms.coeffs), doms.choice))
+        return real(doms, net_)
+
+    monkeypatch.setattr(bab, "branch_relu", spy)
+    r = branch_and_bound(p, 0, math.inf, BabOptions(batch=2, iters=2))
+    assert r.verdict == Verdict.VERIFIED and len(parents_seen) > 1
+    assert all(c == {} and ch is not None for c, ch in parents_seen)
 
 
 def test_fully_split_domains_are_decided_by_an_exact_lp():
