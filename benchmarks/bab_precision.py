@@ -1,5 +1,5 @@
-"""Branch and bound's float64 search against its opt-in float32 search (``BabOptions(low_precision=True)``)
-on the same cases, one after the other in this process (not a test; run it on an otherwise idle machine).
+"""Branch and bound's float64 search (``BabOptions(low_precision=False)``) against its float32 search
+(``low_precision=True``, the default since the sixteenth session) on the same cases, one after the other in this process (not a test; run it on an otherwise idle machine).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bab_precision.py \\
         --vnncomp 2022_mnist_fc/onnx/mnist-net_256x4.onnx:vnnlib/prop_3_0.05.vnnlib --timeout 60
@@ -8,8 +8,8 @@ on the same cases, one after the other in this process (not a test; run it on an
 
 Each case runs the default pipeline (``pgd,ibp,crown,alpha-crown,bab,milp``) once per mode; the
 table gives the verdict, the seconds and branch and bound's message (domains, or why it stopped).
-The search mode is switched by the default options of the ``bab`` stage (the pipeline builds its
-stages by name).
+The search mode is switched by the default options of the ``bab`` stage (the VNN-COMP path builds
+its stages by name).
 """
 from __future__ import annotations
 
