@@ -44,8 +44,9 @@ worse final bounds; the multipliers already carry the splits into the bound.
 
 Precision: with a float32 model (``BabOptions(low_precision=True)``, the default since the
 sixteenth session; ``False`` bounds everything in float64) the root is bounded in float64, the
-children in float32 (about half the time per pass; convolutions' adjoints about a quarter), and the children with a region whose float32 bound turned positive (and is not proven
-yet) are bounded again in float64, warm-started from the float32 slopes and multipliers (one
+children in float32 (about half the time per pass; convolutions' adjoints about a quarter), and
+the children with a region whose float32 bound turned positive (and is not proven yet) are
+bounded again in float64, warm-started from the float32 slopes and multipliers (one
 pass, plus a CROWN pass) and floored by their parents' *proven* rows; their rows become the
 float64 ones. A domain counts as proved only from a float64 bound; the float32 values steer the
 search (order, branching, floors of the float32 bounds) and are never reported. Each domain keeps
@@ -313,7 +314,7 @@ def relu_choice(doms: Domains, net: _Net) -> Tensor:
     """(D,) the unstable, unsplit ReLU input each domain splits next, as an index into the split
     nodes' neurons concatenated in ``net.pre`` order (BaBSR-style score), -1 where none is left."""
     w = _unproved_rows(doms)
-    scores, sizes = [], []
+    scores = []
     for p in net.pre:
         b = doms.bounds[p]
         l, u = b.lower.flatten(1), b.upper.flatten(1)
@@ -330,7 +331,6 @@ def relu_choice(doms: Domains, net: _Net) -> Tensor:
         mag = (A.abs() * w[:, :, None]).sum(1)
         s = neg * intercept + 1e-4 * mag * torch.minimum(u, -l).clamp(min=0) + 1e-12 * width
         scores.append(torch.where(free, s, torch.full_like(s, -math.inf)))
-        sizes.append(l.shape[1])
     best, arg = torch.cat(scores, 1).max(1)
     return torch.where(torch.isfinite(best), arg, torch.full_like(arg, -1))
 

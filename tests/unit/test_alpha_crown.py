@@ -173,8 +173,22 @@ def test_state_cat_and_select_round_trip():
     for side in s.sides:
         for key, (ids, v) in s.sides[side].items():
             ids2, v2 = back.sides[side][key]
-            order = torch.searchsorted(ids2, ids)
-            assert torch.equal(ids2[order], ids) and torch.equal(v2[:, order], v)
+            a, b = torch.argsort(ids), torch.argsort(ids2)
+            assert torch.equal(ids2[b], ids[a]) and torch.equal(v2[:, b], v[:, a])
+
+
+def test_state_cat_of_different_rows_marks_the_unknown_ones_nan():
+    model, (x, y), eps = _mlp(5), _inputs(5, 3), 0.1
+    s = ct.bound(model, x, eps, method="alpha-crown", y=y, alpha_iters=2).extra["alpha"]
+    side = next(iter(s.sides))
+    key, (ids, v) = next(iter(s.sides[side].items()))
+    first = AlphaState(s.signature, 1, {side: {key: (ids[:2], v[:1, :2])}})
+    second = AlphaState(s.signature, 2, {side: {key: (ids[1:], v[1:3, 1:])}})
+    ids2, v2 = AlphaState.cat([first, second]).sides[side][key]
+    assert torch.equal(ids2, torch.unique(ids))
+    pos = torch.searchsorted(ids2, ids)
+    assert torch.equal(v2[0, pos[:2]], v[0, :2]) and torch.isnan(v2[0, pos[2:]]).all()
+    assert torch.equal(v2[1:, pos[1:]], v[1:3, 1:]) and torch.isnan(v2[1:, pos[0]]).all()
 
 
 def test_chunked_rows_and_dense_coefficients_give_the_same_bounds():
