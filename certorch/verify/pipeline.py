@@ -65,22 +65,18 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
     linf = model is not None and is_linf_dist_net(model)
     out: list[Stage] = [CleanStage()]
     seen = {"clean"}
-    for n in names:
-        if isinstance(n, Stage):
-            if n.name in seen or linf and n.name in _COMPLETE_ONLY:
-                continue
-            seen.add(n.name)
-            out.append(n)
-            continue
-        if not isinstance(n, str):
-            raise CertorchError(f"a verification stage is a name or a Stage object, got {type(n).__name__}")
-        n = n.lower()
-        if linf and n in _BOUND_METHODS:
+    for given in names:
+        if not isinstance(given, (str, Stage)):
+            raise CertorchError(f"a verification stage is a name or a Stage object, got {type(given).__name__}")
+        n = given.name if isinstance(given, Stage) else given.lower()
+        if linf and n in _BOUND_METHODS and isinstance(given, str):
             n = "linf"
         if linf and n in _COMPLETE_ONLY or n in seen:
             continue
         seen.add(n)
-        if n in ("pgd", "cw"):
+        if isinstance(given, Stage):
+            out.append(given)
+        elif n in ("pgd", "cw"):
             out.append(AttackStage(n))
         elif n in _BOUND_METHODS:
             out.append(AlphaCrownStage() if n == "alpha-crown" else BoundStage(n))
