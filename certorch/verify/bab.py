@@ -64,7 +64,10 @@ it (mnist_fc, oval21, sri_resnet_a's first 28; docs/vnncomp.md) solved every ins
 search had solved in the two sessions before, 0 wrong.
 
 Memory: the queue's tensors are counted after each step; past ``max_bytes`` the search stops
-with UNKNOWN and says so (it never grows until the machine kills the process).
+with UNKNOWN and says so (it never grows until the machine kills the process). The queue
+(:class:`~certorch.verify.domains.DomainQueue`) keeps the open domains in growable buffers, so a
+step copies the domains it takes and the children it adds, not the whole queue (its buffers
+hold up to twice the counted bytes).
 
 Soundness rests on the bound engine: each child's bound is a sound bound over its sub-domain
 (any slopes in [0, 1], any multipliers >= 0), and the sub-domains of a split cover the parent.
@@ -83,6 +86,7 @@ from certorch.bounds.alpha import AlphaState
 from certorch.domains.box import Box
 from certorch.errors import DeadlineExceeded
 from certorch.graph.capture import capture
+from certorch.verify.domains import DomainQueue, Domains
 from certorch.verify.results import Verdict
 from certorch.verify.stages import Problem, Stage, StageOutput, crown_intermediate, float64_forward
 
@@ -118,79 +122,6 @@ class BabOptions:
     attack_steps: int = 5
     refine: bool = False
     low_precision: bool = True
-
-
-@dataclass
-class Domains:
-    """D sub-domains of one example, as batched tensors.
-
-    ``rows``: (D, S) lower bounds of the spec rows (offsets ``d`` included); ``lb``: (D,) lower
-    bound of the smallest region value; ``sound``: (D, S) float64 row bounds proven on the domain
-    (``rows`` when the domain was bounded in float64; else its parent's or those of a float64
-    confirmation: ``rows`` may then be low-precision estimates that steer the search, and a
-    positive ``lb`` is always a float64 proof); ``box``: input boxes (D, *in); ``splits``: pre-activation
-    node name -> (D, *shape) int8 signs; ``bounds``: pre-activation node name -> Box (D, *shape);
-    ``alpha``: slopes and multipliers (:class:`AlphaState`, batch D) or None; ``coeffs``: node
-    name -> (D, S, *shape) coefficients of the rows at activation outputs and at the input, kept
-    only while the domains are fresh (the counterexample search starts from them); ``choice``:
-    (D,) the split each domain gets when it is branched (:func:`settle`), set when the domains
-    join the queue, which then drops the coefficients: they were most of its bytes (S rows per
-    neuron), copied at every step.
-    """
-
-    rows: Tensor
-    lb: Tensor
-    sound: Tensor
-    box: Box
-    splits: dict[str, Tensor]
-    bounds: dict[str, Box]
-    alpha: AlphaState | None
-    coeffs: dict[str, Tensor]
-    choice: Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return self.lb.shape[0]
-
-    def select(self, idx: Tensor) -> "Domains":
-        return Domains(self.rows[idx], self.lb[idx], self.sound[idx], self.box[idx],
-                       {k: v[idx] for k, v in self.splits.items()},
-                       {k: v[idx] for k, v in self.bounds.items()},
-                       self.alpha.select(idx) if self.alpha is not None else None,
-                       {k: v[idx] for k, v in self.coeffs.items()},
-                       self.choice[idx] if self.choice is not None else None)
-
-    @staticmethod
-    def cat(parts: list["Domains"]) -> "Domains":
-        """Concatenation along the domains. Coefficients are kept for the nodes every part has:
-        a bound call cut by its deadline inside its first pass records them only for the nodes
-        that pass reached (they steer branching and the attack only; both work without)."""
-        parts = [p for p in parts if p.size]
-        first = parts[0]
-        if len(parts) == 1:
-            return first
-        alpha = AlphaState.cat([p.alpha for p in parts]) if all(p.alpha is not None for p in parts) else None
-        coeff_keys = [k for k in first.coeffs if all(k in p.coeffs for p in parts)]
-        choice = torch.cat([p.choice for p in parts]) if all(p.choice is not None for p in parts) else None
-        return Domains(torch.cat([p.rows for p in parts]), torch.cat([p.lb for p in parts]),
-                       torch.cat([p.sound for p in parts]),
-                       Box(torch.cat([p.box.lower for p in parts]), torch.cat([p.box.upper for p in parts])),
-                       {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
-                       {k: Box(torch.cat([p.bounds[k].lower for p in parts]),
-                               torch.cat([p.bounds[k].upper for p in parts])) for k in first.bounds},
-                       alpha, {k: torch.cat([p.coeffs[k] for p in parts]) for k in coeff_keys}, choice)
-
-    def sound_lb(self, problem: Problem) -> Tensor:
-        """(D,) proven lower bound of each domain's smallest region value (float64)."""
-        return problem.region_max(self.sound).amin(dim=1)
-
-    def nbytes(self) -> int:
-        ts = [self.rows, self.lb, self.sound, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]
-        ts += [self.choice] if self.choice is not None else []
-        ts += [t for b in self.bounds.values() for t in (b.lower, b.upper)]
-        if self.alpha is not None:
-            ts += [v for side in self.alpha.sides.values() for _, v in side.values()]
-        return sum(t.numel() * t.element_size() for t in ts)
 
 
 @dataclass
@@ -469,19 +400,18 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     x = search_counterexample(problem, i, net, root, options.attack_steps)
     if x is not None:
         return BabResult(Verdict.FALSIFIED, float(root.lb[0]), x, 1)
-    queue = settle(root, net, input_mode)
+    queue = DomainQueue(settle(root, net, input_mode))
     stuck = None
 
-    def low(doms: Domains) -> float:  # proven lower bound over open domains
+    def low(doms: Domains | DomainQueue) -> float:  # proven lower bound over open domains
+        doms = doms.view() if isinstance(doms, DomainQueue) else doms
         return float(doms.sound_lb(problem).min()) if doms.size else math.inf
 
     while queue.size:
         if time.perf_counter() > deadline:
             return BabResult(None, low(queue), domains=count, timed_out=True, history=history,
                              message=f"bab: out of time with {queue.size} open domains")
-        order = torch.argsort(queue.lb)
-        take, rest = order[: options.batch], order[options.batch :]
-        parents, others = queue.select(take), queue.select(rest)
+        parents = queue.pop_lowest(options.batch)
         try:
             if input_mode:
                 kids_box = branch_input(parents, net)
@@ -504,15 +434,14 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
                     if rep.size == 0:
                         if stuck is not None:
                             break
-                        queue = others
                         history.append((time.perf_counter() - t0, queue.size))
                         continue
                 kids = bound_children(problem, i, net, rep.box, splits, rep.bounds, rep.alpha, options.iters,
                                       deadline, _after_new_splits(net, rep, splits) if options.refine else None,
                                       rep.rows, rep.sound, search)
-        except DeadlineExceeded:
-            return BabResult(None, low(queue), domains=count, timed_out=True, history=history,
-                             message=f"bab: out of time with {queue.size} open domains")
+        except DeadlineExceeded:  # the parents taken out are still open
+            return BabResult(None, min(low(queue), low(parents)), domains=count, timed_out=True, history=history,
+                             message=f"bab: out of time with {queue.size + parents.size} open domains")
         count += kids.size
         done = kids.lb > 0
         if bool(done.any()):
@@ -523,7 +452,7 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
             if x is not None:
                 return BabResult(Verdict.FALSIFIED, low(queue), x, count, history=history)
             open_kids = settle(open_kids, net, input_mode)
-        queue = Domains.cat([others, open_kids]) if (others.size or open_kids.size) else open_kids
+        queue.push(open_kids)
         history.append((time.perf_counter() - t0, queue.size))
         if stuck is not None:
             break

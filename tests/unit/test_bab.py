@@ -506,3 +506,28 @@ def test_an_undecided_search_reports_a_proven_lower_bound_not_an_estimate(monkey
                                                                                  low_precision=True))
     assert r.verdict is None and "memory bound" in r.message
     assert r.lower <= milp.margin_ub
+
+
+def test_a_search_cut_while_bounding_children_reports_a_bound_below_the_parents_taken_out(monkeypatch):
+    """The parents of the step that ran out of time are out of the queue but still open: the
+    lower bound reported must cover them too (they hold the lowest bounds)."""
+    import certorch.verify.bab as bab
+    from certorch.errors import DeadlineExceeded
+
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    p = _problem(model, x, y, 0.25)
+    real, seen = bab.bound_children, []
+
+    def cut(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor, sound, search):
+        seen.append(float(problem.region_max(sound).amin(1).min()))  # lowest proven bound among the parents
+        if len(seen) == 3:
+            raise DeadlineExceeded("cut")
+        return real(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor, sound, search)
+
+    monkeypatch.setattr(bab, "bound_children", cut)
+    r = branch_and_bound(p, 0, math.inf, BabOptions(batch=2, iters=2))
+    assert len(seen) == 3 and r.timed_out and r.verdict is None
+    assert r.lower <= seen[-1]
