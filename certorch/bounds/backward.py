@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from certorch.bounds.context import BoundContext
 from certorch.bounds.patches import Patches, add_coefficients
 from certorch.errors import UnsupportedOperationError
-from certorch.ops.maps import FOLD_MAX_IN_CHANNELS, ConvMap, ScaleShiftMap, SumMap
+from certorch.ops.maps import ConvMap, ScaleShiftMap, SumMap, fold_preferred
 
 Coefficients = Tensor | Patches
 
@@ -189,10 +189,10 @@ def row_numel(ctx: BoundContext, target: int, windows: bool = False) -> int:
             if isinstance(m, ConvMap):
                 # conv_transpose2d's scratch (measured, torch 2.13 CPU): float64 (no oneDNN kernel)
                 # allocates a column buffer of Cin * k * k entries per output position for the whole
-                # batch at once, and so does fold_transpose (few input channels); float32 about
-                # twice its output
+                # batch at once, and so does fold_transpose (few input channels, where it is
+                # taken: counted on every device); float32 about twice its output
                 cin = m.weight.shape[1]
-                columns = ctx.dtype == torch.float64 or cin <= FOLD_MAX_IN_CHANNELS
+                columns = ctx.dtype == torch.float64 or fold_preferred(m.weight, m.stride)
                 scratch = m.weight[0].numel() * area if columns else 2 * cin * _input_area(m, e)
                 widest = max(widest, scratch)
             if e is not None:

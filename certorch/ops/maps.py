@@ -110,19 +110,34 @@ class DenseMap(AffineMap):
         return self.bias
 
 
-#: input channels up to which :func:`fold_transpose` replaces ``conv_transpose2d`` (float32, CPU)
+#: input channels up to which :func:`fold_transpose` may replace ``conv_transpose2d`` (float32, CPU)
 FOLD_MAX_IN_CHANNELS = 3
+#: at stride 1, :func:`fold_transpose` only when the conv has at least this many output channels
+#: per input channel
+FOLD_STRIDE1_CHANNEL_RATIO = 16
 
 
-def use_fold_transpose(A: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`fold_transpose` is the faster adjoint: torch 2.13's oneDNN
-    ``conv_transpose2d`` in float32 on CPU is slow when the conv has few input channels (its
-    adjoint few output channels). Measured on one thread, colt_mnist's first conv (1 -> 32
-    channels, 5x5, stride 2) over 200 rows: 18.9 ms against 4.6 ms (forward; 19.9 / 12.8 ms with
-    the gradient); float64 has no oneDNN kernel and is as fast either way; other devices keep
-    ``conv_transpose2d``."""
+def fold_preferred(weight: Tensor, stride: tuple[int, int]) -> bool:
+    """Whether :func:`fold_transpose` beats ``conv_transpose2d`` for this conv's shape (float32,
+    CPU): torch 2.13's oneDNN kernel is slow for few input channels (the adjoint's outputs), but
+    the fold's column buffer (``Cin * kh * kw`` per output position) costs more than it saves at
+    stride 1 unless the conv has many output channels. Measured on one thread, 400 rows, adjoint
+    only (fold / conv_transpose2d, ms): stride 2: 1 -> 32 k5 16.8 / 55.9, 3 -> 8 k4 33.6 / 34.5,
+    3 -> 16 k3 19.4 / 27.5, 3 -> 32 k4 37.9 / 55.1; stride 1: 1 -> 32 k3 29.5 / 58.8, 3 -> 64 k3
+    123.8 / 185.0, but 3 -> 16 k3 80.2 / 37.2, 3 -> 32 k3 (colt_cifar) 100.6 / 75.0, 2 -> 16 k3
+    41.4 / 28.2, 1 -> 4 k3 17.6 / 14.8."""
+    cout, cin = weight.shape[:2]
+    if cin > FOLD_MAX_IN_CHANNELS:
+        return False
+    return min(stride) >= 2 or cout >= FOLD_STRIDE1_CHANNEL_RATIO * cin
+
+
+def use_fold_transpose(A: Tensor, weight: Tensor, stride: tuple[int, int]) -> bool:
+    """Whether the adjoint of A through this conv takes :func:`fold_transpose`: float32 on CPU
+    with a shape where it is faster (:func:`fold_preferred`). float64 has no oneDNN kernel and
+    is as fast either way; other devices keep ``conv_transpose2d``."""
     return (A.device.type == "cpu" and A.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.shape[1] <= FOLD_MAX_IN_CHANNELS)
+            and fold_preferred(weight, stride))
 
 
 def fold_transpose(A: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
@@ -172,7 +187,7 @@ class ConvMap(AffineMap):
             W = self.weight.view(C, -1)
             return [torch.matmul(W.t(), A.reshape(M, C, h * w)).view(M, W.shape[1], h, w)]
         _, H, W = self.in_shape
-        if use_fold_transpose(A, self.weight):
+        if use_fold_transpose(A, self.weight, self.stride):
             return [fold_transpose(A, self.weight, self.stride, self.padding, self.dilation, (H, W))]
         out_h, out_w = A.shape[-2:]
         op = []
