@@ -175,6 +175,7 @@ def bound_domains(problem: Problem, i: int, net: _Net, box: Box, splits: dict[st
                     upper=False, return_intermediate=True, splits=splits or None,
                     intermediate_bounds=given or None, refine_intermediate=list(refine or []) if given else False,
                     alpha_state=alpha, alpha_iters=iters, return_coefficients=True,
+                    alpha_reference=alpha is None or bool(refine),  # warm: the parents' rows are the floor
                     deadline=deadline if math.isfinite(deadline) else None)
     rows = (res.lower + problem.d[i].to(res.lower.dtype)).to(torch.float64)
     if floor is not None:
