@@ -10,7 +10,9 @@ Two ways to split, chosen per network:
   optimised with the slopes (beta-CROWN, Wang et al. 2021), which carries each constraint into
   the whole bound. Intermediate bounds are those of the earlier bound stages (alpha-CROWN's
   if it ran, else CROWN's), clamped by the splits (``intermediate_bounds=``): valid on every
-  sub-domain, and the multipliers make up for not recomputing them. Slopes and multipliers of a parent warm-start its children.
+  sub-domain, and the multipliers make up for not recomputing them. Slopes and multipliers of a
+  parent warm-start its children (without alpha-CROWN's plain CROWN reference pass,
+  ``alpha_reference=False``: the parent's rows are their floor).
 * **Input splitting** when the input has few elements (``input_split_dims``, e.g. ACAS Xu's 5):
   the input box is bisected along the coordinate whose width moves the bound most
   (``|coefficient| x radius`` of the unproved rows), and each half is bounded from scratch.
