@@ -79,14 +79,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from certorch.bounds.alpha import AlphaState
 from certorch.domains.box import Box
-from certorch.errors import DeadlineExceeded
+from certorch.errors import CertorchError, DeadlineExceeded
 from certorch.graph.capture import capture
 from certorch.verify.domains import DomainQueue, Domains
 from certorch.verify.results import Verdict
@@ -113,7 +114,10 @@ class BabOptions:
     bounds of the layers after their new split by CROWN under the splits (intersected with the
     parent's) instead of keeping the parent's; ``low_precision`` (on by default, see the module
     doc): bound the children in the model's dtype when it is not float64 and confirm the ones that
-    look proved in float64 (not with ``refine`` or without known intermediate bounds).
+    look proved in float64 (not with ``refine`` or without known intermediate bounds);
+    ``branch_candidates`` (ReLU splitting): 1 splits each domain's best neuron by the BaBSR-style
+    score; k > 1 tries its k best with one bound pass each (both children, warm slopes, no
+    optimisation) and splits the one whose worse child is best (FSB, De Palma et al. 2021).
     """
 
     batch: int = 64
@@ -124,6 +128,34 @@ class BabOptions:
     attack_steps: int = 5
     refine: bool = False
     low_precision: bool = True
+    branch_candidates: int = 1
+
+    def __post_init__(self):
+        k = self.branch_candidates
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise CertorchError(f"branch_candidates must be a positive integer, got {k!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "BabOptions":
+        """Options from ``key=value`` pairs separated by ``:`` (a stage name's suffix,
+        ``bab:branch_candidates=3:batch=32``); unknown keys and bad values are one-line errors."""
+        defaults = cls()
+        kw: dict[str, int | bool] = {}
+        for item in filter(None, text.split(":")):
+            key, eq, value = (t.strip() for t in item.partition("="))
+            if not eq or not hasattr(defaults, key):
+                valid = ", ".join(f.name for f in fields(cls))
+                raise CertorchError(f"bab option {item!r} is not key=value with a key among: {valid}")
+            if isinstance(getattr(defaults, key), bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise CertorchError(f"bab option {key} takes true or false, got {value!r}")
+                kw[key] = value.lower() in ("true", "1")
+            else:
+                try:
+                    kw[key] = int(value)
+                except ValueError:
+                    raise CertorchError(f"bab option {key} takes an integer, got {value!r}") from None
+        return cls(**kw)
 
 
 @dataclass
@@ -236,17 +268,19 @@ def _unproved_rows(doms: Domains) -> Tensor:
     return (doms.rows <= 0).to(doms.rows.dtype)
 
 
-def settle(doms: Domains, net: _Net, input_mode: bool) -> Domains:
+def settle(doms: Domains, net: _Net, input_mode: bool, candidates: int = 1) -> Domains:
     """The domains as the queue keeps them: each one's split chosen now (:func:`relu_choice` or
     :func:`input_choice`, from its rows, bounds and coefficients, none of which change while it
-    waits), its coefficients dropped."""
-    choice = input_choice(doms, net) if input_mode else relu_choice(doms, net)
+    waits; with ``candidates`` > 1 its best ReLU candidates, (D, k), for :func:`fsb_choice`), its
+    coefficients dropped."""
+    choice = input_choice(doms, net) if input_mode else relu_choice(doms, net, candidates)
     return replace(doms, coeffs={}, choice=choice)
 
 
-def relu_choice(doms: Domains, net: _Net) -> Tensor:
+def relu_choice(doms: Domains, net: _Net, k: int = 1) -> Tensor:
     """(D,) the unstable, unsplit ReLU input each domain splits next, as an index into the split
-    nodes' neurons concatenated in ``net.pre`` order (BaBSR-style score), -1 where none is left."""
+    nodes' neurons concatenated in ``net.pre`` order (BaBSR-style score), -1 where none is left;
+    ``k`` > 1: (D, k) the k best, best first."""
     w = _unproved_rows(doms)
     scores = []
     for p in net.pre:
@@ -265,18 +299,45 @@ def relu_choice(doms: Domains, net: _Net) -> Tensor:
         mag = (A.abs() * w[:, :, None]).sum(1)
         s = neg * intercept + 1e-4 * mag * torch.minimum(u, -l).clamp(min=0) + 1e-12 * width
         scores.append(torch.where(free, s, torch.full_like(s, -math.inf)))
-    best, arg = torch.cat(scores, 1).max(1)
+    allscores = torch.cat(scores, 1)
+    if k == 1:
+        best, arg = allscores.max(1)
+    else:
+        best, arg = allscores.topk(min(k, allscores.shape[1]), dim=1)
+        if best.shape[1] < k:
+            pad = (0, k - best.shape[1])
+            best, arg = F.pad(best, pad, value=-math.inf), F.pad(arg, pad, value=-1)
     return torch.where(torch.isfinite(best), arg, torch.full_like(arg, -1))
 
 
-def branch_relu(doms: Domains, net: _Net) -> tuple[Domains, Tensor, dict[str, Tensor]]:
-    """Children of every (settled) domain by splitting the ReLU input it chose (:func:`settle`).
+def fsb_choice(problem: Problem, i: int, net: _Net, doms: Domains, dtype: torch.dtype | None,
+               deadline: float) -> Tensor:
+    """(D,) the split of each domain among its (D, k) candidates ``doms.choice``: both children
+    of every candidate are bounded by one pass (warm slopes, no optimisation; new multipliers 0,
+    so the split enters through its neuron's clamped bounds) in ``dtype`` (None: float64), all
+    2 k D in one call, and the candidate whose worse child has the highest bound wins (an
+    infeasible child counts +inf). The estimates only rank; children are bounded as usual after."""
+    cand = doms.choice
+    D, k = cand.shape
+    sub = doms.select(torch.arange(D, device=cand.device).repeat_interleave(k))
+    kids, _, splits = branch_relu(sub, net, cand.flatten())
+    est = bound_domains(problem, i, net, kids.box, splits, kids.bounds, kids.alpha, 1, deadline,
+                        dtype=dtype or torch.float64)
+    score = est.lb.view(D, k, 2).amin(2)
+    score = torch.where(cand >= 0, score, torch.full_like(score, -math.inf))
+    return cand.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+
+
+def branch_relu(doms: Domains, net: _Net, choice: Tensor | None = None) -> tuple[Domains, Tensor, dict[str, Tensor]]:
+    """Children of every (settled) domain by splitting the ReLU input it chose (:func:`settle`;
+    or ``choice`` (D,)).
 
     Returns (the parents repeated twice, a mask of parents that had a neuron to split (D,),
     the children's splits)."""
     sizes = [int(math.prod(net.shape[p])) for p in net.pre]
-    ok = doms.choice >= 0
-    arg = doms.choice.clamp(min=0)
+    choice = doms.choice if choice is None else choice
+    ok = choice >= 0
+    arg = choice.clamp(min=0)
     offsets = torch.tensor([0] + sizes, device=arg.device).cumsum(0)
     layer = torch.bucketize(arg, offsets[1:], right=True)
     neuron = arg - offsets[layer]
@@ -403,7 +464,8 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     x = search_counterexample(problem, i, net, root, options.attack_steps)
     if x is not None:
         return BabResult(Verdict.FALSIFIED, float(root.lb[0]), x, 1)
-    queue = DomainQueue(settle(root, net, input_mode))
+    k = options.branch_candidates
+    queue = DomainQueue(settle(root, net, input_mode, k))
     stuck = None
 
     def low(doms: Domains | DomainQueue) -> float:  # proven lower bound over open domains
@@ -423,6 +485,8 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
                 kids = bound_children(problem, i, net, kids_box, {}, {}, alpha, options.iters, deadline, None,
                                       parents.rows[src], parents.sound[src], search)
             else:
+                if k > 1:
+                    parents = replace(parents, choice=fsb_choice(problem, i, net, parents, search, deadline))
                 rep, ok, splits = branch_relu(parents, net)
                 if not bool(ok.all()):  # every unstable ReLU of these domains is split: solve them exactly
                     leaves = parents.select((~ok).nonzero().flatten())
@@ -454,7 +518,7 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
             x = search_counterexample(problem, i, net, open_kids, options.attack_steps)
             if x is not None:
                 return BabResult(Verdict.FALSIFIED, low(queue), x, count, history=history)
-            open_kids = settle(open_kids, net, input_mode)
+            open_kids = settle(open_kids, net, input_mode, k)
         queue.push(open_kids)
         history.append((time.perf_counter() - t0, queue.size))
         if stuck is not None:

@@ -31,7 +31,7 @@ from certorch.domains.box import Box
 from certorch.nn.mode import eval_mode
 from certorch.errors import CertorchError, DeadlineExceeded
 from certorch.spec import check_finite, linf_ball, margin_matrix
-from certorch.verify.bab import BabStage
+from certorch.verify.bab import BabOptions, BabStage
 from certorch.verify.lp import LPStage
 from certorch.verify.milp import MilpStage
 from certorch.verify.results import Verdict, VerificationResult
@@ -58,7 +58,8 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
     A list may also hold configured :class:`Stage` objects, used as given (e.g.
     ``["pgd", "crown", BabStage(BabOptions(low_precision=False))]``); a name or object twice is
     kept once. For L_inf-dist nets ``ibp``/``crown`` become ``linf`` and the LP/MILP stages are
-    dropped (their neurons have no LP encoding).
+    dropped (their neurons have no LP encoding). ``bab`` takes :class:`BabOptions` after its name
+    (``bab:branch_candidates=3:batch=32``).
     """
     if isinstance(names, str):
         names = [s.strip() for s in names.split(",") if s.strip()]
@@ -68,7 +69,9 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
     for given in names:
         if not isinstance(given, (str, Stage)):
             raise CertorchError(f"a verification stage is a name or a Stage object, got {type(given).__name__}")
-        n = given.name if isinstance(given, Stage) else given.lower()
+        n, options = (given.name, "") if isinstance(given, Stage) else given.lower().partition(":")[::2]
+        if options and n != "bab":
+            raise CertorchError(f"only the bab stage takes options (name:key=value), got {given!r}")
         if linf and n in _BOUND_METHODS and isinstance(given, str):
             n = "linf"
         if linf and n in _COMPLETE_ONLY or n in seen:
@@ -85,7 +88,7 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
         elif n == "lp":
             out.append(LPStage())
         elif n == "bab":
-            out.append(BabStage())
+            out.append(BabStage(BabOptions.parse(options)))
         elif n == "refine":
             out.append(MilpStage(REFINE_BINARIES))
         elif n == "milp":

@@ -531,3 +531,49 @@ def test_a_search_cut_while_bounding_children_reports_a_bound_below_the_parents_
     r = branch_and_bound(p, 0, math.inf, BabOptions(batch=2, iters=2))
     assert len(seen) == 3 and r.timed_out and r.verdict is None
     assert r.lower <= seen[-1]
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3]))
+def test_fsb_branching_equals_milp_on_random_tiny_nets(seed, eps):
+    """Trying 3 candidate splits per domain (FSB) changes the search, never the verdict."""
+    model = _net(seed % 13, (20, 24, 16, 3))
+    x = torch.rand(2, 20, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    fsb = certify_batch(model, x, y, eps, stages=[BabStage(BabOptions(branch_candidates=3))], timeout=60)
+    milp = certify_batch(model, x, y, eps, stages="milp", timeout=60)
+    for a, b in zip(fsb, milp):
+        assert a.verdict in (Verdict.VERIFIED, Verdict.FALSIFIED), a.message
+        assert a.verdict == b.verdict
+
+
+def test_fsb_picks_the_candidate_whose_worse_child_bounds_best():
+    import certorch.verify.bab as bab
+    from certorch.verify.stages import crown_intermediate
+
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    p = _problem(model, x, y, 0.25)
+    net = bab._Net(p)
+    given = {k: v for k, v in crown_intermediate(p, torch.tensor([0]), math.inf).items() if k in net.pre}
+    root = bab.bound_domains(p, 0, net, p.box[0:1], {}, given, None, 20, math.inf)
+    root.splits = {q: torch.zeros((1, *net.shape[q]), dtype=torch.int8) for q in net.pre}
+    settled = bab.settle(root, net, False, 4)
+    assert settled.choice.shape == (1, 4)
+    assert int(settled.choice[0, 0]) == int(bab.relu_choice(root, net)[0])  # best first
+    pick = bab.fsb_choice(p, 0, net, settled, None, math.inf)
+    assert int(pick[0]) in settled.choice[0].tolist()
+    worse = []
+    for c in settled.choice[0].tolist():  # each candidate's children, one by one
+        kids, _, splits = bab.branch_relu(settled, net, torch.tensor([c]))
+        est = bab.bound_domains(p, 0, net, kids.box, splits, kids.bounds, kids.alpha, 1, math.inf)
+        worse.append(float(est.lb.min()))
+    assert worse[settled.choice[0].tolist().index(int(pick[0]))] == pytest.approx(max(worse), abs=1e-9)
+
+
+def test_branch_candidates_must_be_a_positive_integer():
+    with pytest.raises(CertorchError, match="branch_candidates"):
+        BabOptions(branch_candidates=0)

@@ -11,6 +11,7 @@ from torch import nn
 import certorch as ct
 from certorch.attacks import PGD
 from certorch.domains.box import Box
+from certorch.errors import CertorchError
 from certorch.verify import Verdict, VerificationResult, build_stages, certify_batch, run_stages, verify_box
 from certorch.verify.stages import Problem, Stage, StageOutput
 
@@ -233,3 +234,25 @@ def test_lp_and_milp_skip_networks_they_cannot_encode_without_error():
     if verified.any():
         atk = PGD(steps=100, restarts=5, loss="margin", seed=1)(net, x[verified], y[verified], 0.2)
         assert not atk.success.any()
+
+
+def test_the_bab_stage_takes_its_options_after_its_name():
+    from certorch.verify.bab import BabStage
+
+    stages = build_stages("pgd,crown,bab:branch_candidates=3:low_precision=false:batch=16")
+    bab = next(s for s in stages if isinstance(s, BabStage))
+    assert (bab.options.branch_candidates, bab.options.low_precision, bab.options.batch) == (3, False, 16)
+    assert next(s for s in build_stages("bab") if isinstance(s, BabStage)).options == BabStage().options
+
+
+@pytest.mark.parametrize("text, match", [
+    ("bab:nope=1", "bab option"),
+    ("bab:batch", "bab option"),
+    ("bab:batch=many", "integer"),
+    ("bab:refine=maybe", "true or false"),
+    ("bab:branch_candidates=0", "branch_candidates"),
+    ("crown:batch=2", "only the bab stage"),
+])
+def test_bad_bab_options_are_one_line_errors(text, match):
+    with pytest.raises(CertorchError, match=match):
+        build_stages(text)
