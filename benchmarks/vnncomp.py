@@ -36,8 +36,9 @@ def run(args) -> dict:
         inst = list(csv.reader(open(base / bench / "instances.csv")))
         for onnx, vnnlib, _ in inst[args.skip :][: args.limit or None]:
             t0 = time.time()
+            stages = ["--stages", args.stages] if args.stages else []
             p = subprocess.run([sys.executable, "-m", "certorch", "verify", str(base / bench / onnx),
-                                str(base / bench / vnnlib), "--timeout", str(args.timeout)],
+                                str(base / bench / vnnlib), "--timeout", str(args.timeout), *stages],
                                capture_output=True, text=True, cwd=ROOT)
             secs = time.time() - t0
             out = p.stdout.strip().splitlines()
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--limit", type=int, default=0, help="first N instances per benchmark (0: all)")
     p.add_argument("--skip", type=int, default=0, help="leave out the first N instances per benchmark (to finish a run)")
+    p.add_argument("--stages", default=None, help="certorch verify --stages (default: its pipeline)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write the solved-vs-time curve to this PNG")
     p.add_argument("--from-json", default=None, help="table/plot of an earlier --json run instead of running")
