@@ -69,7 +69,7 @@ Memory: the queue's tensors are counted after each step; past ``max_bytes`` the 
 with UNKNOWN and says so (it never grows until the machine kills the process). The queue
 (:class:`~certorch.verify.domains.DomainQueue`) keeps the open domains in growable buffers, so a
 step copies the domains it takes and the children it adds, not the whole queue (the bound
-counts its buffers, up to 1.5 times the live domains' bytes when it last grew).
+counts its buffers: room for 1.5 times the most domains the queue held).
 
 Soundness rests on the bound engine: each child's bound is a sound bound over its sub-domain
 (any slopes in [0, 1], any multipliers >= 0), and the sub-domains of a split cover the parent.

@@ -100,7 +100,6 @@ class Domains:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
-
 def _leaves(doms: Domains) -> dict[tuple, Tensor]:
     """Every per-domain tensor of ``doms`` (first dimension D) under a key naming its place."""
     out: dict[tuple, Tensor] = {("rows",): doms.rows, ("lb",): doms.lb, ("sound",): doms.sound,
@@ -223,8 +222,9 @@ class DomainQueue:
         self.n = need
 
     def nbytes(self) -> int:
-        """Bytes of the buffers (what the queue holds in memory: up to 1.5 times its live
-        domains' bytes, :meth:`Domains.nbytes` of :meth:`view`)."""
+        """Bytes of the buffers: what the queue holds in memory (room for 1.5 times the most
+        domains it held; :meth:`Domains.nbytes` of :meth:`view` counts the live ones only)."""
         return sum(b.numel() * b.element_size() for b in self.buf.values())
+
 
 __all__ = ["DomainQueue", "Domains"]
