@@ -339,10 +339,8 @@ def test_children_are_never_bounded_below_their_parent():
     assert (kids.rows >= rep.rows).all() and (kids.lb >= root.lb[0]).all()
 
 
-def test_queued_domains_keep_their_split_choice_not_their_coefficients(monkeypatch):
-    """The queue drops each domain's coefficients (S rows per neuron: most of its bytes, copied
-    at every step) once its split is chosen; branching uses the choice, made from the same rows,
-    bounds and coefficients as before."""
+def _root_domain():
+    """(problem, net, root domain) of a small search that needs several steps (seed 3, eps 0.25)."""
     import certorch.verify.bab as bab
     from certorch.verify.stages import crown_intermediate
 
@@ -355,6 +353,16 @@ def test_queued_domains_keep_their_split_choice_not_their_coefficients(monkeypat
     given = {k: v for k, v in crown_intermediate(p, torch.tensor([0]), math.inf).items() if k in net.pre}
     root = bab.bound_domains(p, 0, net, p.box[0:1], {}, given, None, 20, math.inf)
     root.splits = {q: torch.zeros((1, *net.shape[q]), dtype=torch.int8) for q in net.pre}
+    return p, net, root
+
+
+def test_queued_domains_keep_their_split_choice_not_their_coefficients(monkeypatch):
+    """The queue drops each domain's coefficients (S rows per neuron: most of its bytes, copied
+    at every step) once its split is chosen; branching uses the choice, made from the same rows,
+    bounds and coefficients as before."""
+    import certorch.verify.bab as bab
+
+    p, net, root = _root_domain()
     settled = bab.settle(root, net, False)
     assert settled.coeffs == {} and root.coeffs and settled.nbytes() < root.nbytes()
     assert torch.equal(settled.choice, bab.relu_choice(root, net))
@@ -550,17 +558,8 @@ def test_fsb_branching_equals_milp_on_random_tiny_nets(seed, eps):
 
 def test_fsb_picks_the_candidate_whose_worse_child_bounds_best():
     import certorch.verify.bab as bab
-    from certorch.verify.stages import crown_intermediate
 
-    model = _net(3, (20, 24, 16, 3))
-    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    p = _problem(model, x, y, 0.25)
-    net = bab._Net(p)
-    given = {k: v for k, v in crown_intermediate(p, torch.tensor([0]), math.inf).items() if k in net.pre}
-    root = bab.bound_domains(p, 0, net, p.box[0:1], {}, given, None, 20, math.inf)
-    root.splits = {q: torch.zeros((1, *net.shape[q]), dtype=torch.int8) for q in net.pre}
+    p, net, root = _root_domain()
     settled = bab.settle(root, net, False, 4)
     assert settled.choice.shape == (1, 4)
     assert int(settled.choice[0, 0]) == int(bab.relu_choice(root, net)[0])  # best first
