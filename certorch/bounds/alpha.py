@@ -275,19 +275,13 @@ class AlphaOptions:
     lr: float = DEFAULT_LR
     state: AlphaState | None = None
     beta_lr: float = BETA_LR
-    reference: bool = True  # start from a plain CROWN pass (False: the iterations only)
 
 
-def check_options(iters: Any = None, lr: Any = None, state: Any = None, coefficients: bool = False,
-                  reference: Any = True) -> dict[str, Any]:
+def check_options(iters: Any = None, lr: Any = None, state: Any = None, coefficients: bool = False) -> dict[str, Any]:
     """Validated ``ct.bound`` options of alpha-CROWN as a dict for ``BoundContext.options``."""
     out: dict[str, Any] = {}
     if coefficients:
         out["alpha_coefficients"] = True
-    if not isinstance(reference, bool):
-        raise CertorchError(f"alpha_reference must be True or False, got {reference!r}")
-    if not reference:
-        out["alpha_reference"] = False
     if iters is not None:
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise CertorchError(f"alpha_iters must be a positive integer, got {iters!r}")
@@ -312,8 +306,7 @@ def _options(ctx: BoundContext) -> AlphaOptions:
         if state.batch != ctx.batch:
             raise CertorchError(f"alpha_state holds {state.batch} examples but the batch has {ctx.batch}; "
                                 "use AlphaState.select to pick the matching examples")
-    return AlphaOptions(o.get("alpha_iters", DEFAULT_ITERS), o.get("alpha_lr", DEFAULT_LR), state,
-                        reference=o.get("alpha_reference", True))
+    return AlphaOptions(o.get("alpha_iters", DEFAULT_ITERS), o.get("alpha_lr", DEFAULT_LR), state)
 
 
 def _fresh(ctx: BoundContext, **changes) -> BoundContext:
@@ -328,33 +321,22 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
 
     Sets ``ctx.boxes`` (intermediate bounds: the intersection over the reference and every
     iteration) and ``ctx.extra["alpha"]`` (:class:`AlphaState` of the best slopes per example).
-
-    The reference is a plain CROWN pass, the bound kept if no iteration beats it (or finishes
-    before the deadline). ``alpha_reference=False`` skips it (not with ``refine``, which needs
-    it): for warm-started calls whose intermediate bounds are all given, e.g. branch and bound's
-    children, whose parents' bounds are their floor; the pass cost as much as one iteration and
-    half of a one-iteration call. Without it, a call whose first iteration does not finish
-    before the deadline raises :class:`~certorch.errors.DeadlineExceeded`.
     """
     opts = _options(ctx)
     out = ctx.graph.output
-    ref_low = ref_up = None
-    ref_boxes: dict[int, Box] = {}
-    if opts.reference or ctx.refine:
-        ref = _fresh(ctx, intermediate="crown", alpha=None)
-        with torch.no_grad():  # the reference: plain CROWN (also builds the IBP boxes and affine maps once)
-            ref_low, ref_up = backward_bounds(ref, out, C, lambda i: pre_bounds(ref, i), upper)
-        ctx._values, ref_boxes = ref._values, ref.boxes
-        if ctx.refine:  # refined by the reference's CROWN pass; the iterations keep those bounds
-            ctx.given, ctx.refine = {**ctx.given, **ref.boxes}, frozenset()
+    ref = _fresh(ctx, intermediate="crown", alpha=None)
+    with torch.no_grad():  # the reference: plain CROWN (also builds the IBP boxes and affine maps once)
+        ref_low, ref_up = backward_bounds(ref, out, C, lambda i: pre_bounds(ref, i), upper)
+    ctx._values = ref._values
+    if ctx.refine:  # refined by the reference's CROWN pass; the iterations keep those bounds
+        ctx.given, ctx.refine = {**ctx.given, **ref.boxes}, frozenset()
     warm = opts.state.sides if opts.state is not None else {}
     ctx.extra = {}
-    lower, lo_slopes, boxes = _optimise(ctx, C, ref_low, ref_boxes, opts, warm.get("lower"))
+    lower, lo_slopes, boxes = _optimise(ctx, C, ref_low, ref.boxes, opts, warm.get("lower"))
     sides = {"lower": lo_slopes}
     up = None
     if upper:
-        neg, up_slopes, up_boxes = _optimise(ctx, -C, None if ref_up is None else -ref_up, ref_boxes, opts,
-                                             warm.get("upper"))
+        neg, up_slopes, up_boxes = _optimise(ctx, -C, -ref_up, ref.boxes, opts, warm.get("upper"))
         up = -neg
         sides["upper"] = up_slopes
         boxes = {k: b.intersect(up_boxes[k]) if k in up_boxes else b for k, b in boxes.items()}
@@ -363,19 +345,20 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
     return lower, up
 
 
-def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor | None, ref_boxes: dict[int, Box], opts: AlphaOptions,
+def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int, Box], opts: AlphaOptions,
               warm: dict | None) -> tuple[Tensor, dict, dict[int, Box]]:
-    """Maximise the lower bounds of ``C . f`` over the slopes, from the reference's ``ref_low``
-    (None: no reference, see :func:`alpha_bounds`). Returns (best lower bounds (B, S), exported
-    best slopes (per spec row when only the spec's rows have slopes, else per example),
+    """Maximise the lower bounds of ``C . f`` over the slopes. Returns (best lower bounds (B, S),
+    exported best slopes (per spec row when only the spec's rows have slopes, else per example),
     intersected intermediate bounds)."""
     out = ctx.graph.output
     S = C.shape[1]
     ids = torch.arange(S, device=C.device)
     store = AlphaSlopes(warm, out, beta=bool(ctx.splits), record=bool(ctx.options.get("alpha_coefficients")))
-    best = ref_low.detach().clone() if ref_low is not None else None
+    best = ref_low.detach().clone()
     best_boxes = dict(ref_boxes)
+    best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
     best_alpha: dict[tuple, Tensor] = {}
+    best_rows = torch.full_like(best, -math.inf)
     opt = None
     for t in range(opts.iters):
         it = _fresh(ctx, intermediate="crown", alpha=store)
@@ -384,17 +367,8 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor | None, ref_boxes: d
                 low, _ = chunked_bounds(it, out, lambda s0, s1: C[:, s0:s1], S, lambda i: pre_bounds(it, i), False,
                                         ids=ids)
         except DeadlineExceeded:
-            if best is None:  # no reference and no finished iteration: no bound at all
-                raise
             break  # every finished iteration (and the reference) is a sound bound: keep the best
         with torch.no_grad():
-            if ctx._values is None:
-                ctx._values = it._values  # the clean forward, once
-            if best is None:
-                best = low.detach().clone()
-            if t == 0:
-                best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
-                best_rows = torch.full_like(best, -math.inf)
             best = torch.maximum(best, low.detach())
             for k, b in it.boxes.items():
                 best_boxes[k] = best_boxes[k].intersect(b) if k in best_boxes else b

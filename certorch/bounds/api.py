@@ -106,7 +106,6 @@ def bound(
     intermediate_bounds: dict[str, Box] | None = None,
     refine_intermediate: bool | Sequence[str] = False,
     return_coefficients: bool = False,
-    alpha_reference: bool = True,
 ) -> BoundResult:
     """Bounds of ``C @ model(x')`` for every ``x'`` in the L-inf ball of radius ``eps`` around
     ``x`` intersected with ``[lo, hi]`` (or an explicit input ``box``).
@@ -167,10 +166,6 @@ def bound(
         return_coefficients: ``alpha-crown`` only: keep the spec rows' last coefficients at each
             ReLU output and at the input in ``result.extra["coefficients"]`` (node name ->
             (B, S, *shape); branching scores of branch and bound read them).
-        alpha_reference: ``alpha-crown`` only: ``False`` skips the plain CROWN pass the
-            iterations start from (and keep if none beats it), for warm-started calls with
-            every intermediate bound given (branch and bound's children); no bound at all
-            before the deadline then raises :class:`~certorch.errors.DeadlineExceeded`.
     Returns:
         :class:`BoundResult` with ``lower``/``upper`` of shape (B, S).
     """
@@ -180,7 +175,7 @@ def bound(
                       patches=patches, alpha_iters=alpha_iters, alpha_lr=alpha_lr,
                       alpha_state=alpha_state, splits=splits, intermediate_bounds=intermediate_bounds,
                       refine_intermediate=refine_intermediate,
-                      return_coefficients=return_coefficients, alpha_reference=alpha_reference)[get_method(method).name]
+                      return_coefficients=return_coefficients)[get_method(method).name]
 
 
 def bound_many(
@@ -212,7 +207,6 @@ def bound_many(
     intermediate_bounds: dict[str, Box] | None = None,
     refine_intermediate: bool | Sequence[str] = False,
     return_coefficients: bool = False,
-    alpha_reference: bool = True,
 ) -> dict[str, BoundResult]:
     """Several final bounds from one set of intermediate bounds: ``{method name: BoundResult}``.
 
@@ -229,10 +223,9 @@ def bound_many(
         raise CertorchError("give at least one bound method")
     if slope is not None:
         check_slope(slope)
-    options = check_options(alpha_iters, alpha_lr, alpha_state, return_coefficients, alpha_reference)
+    options = check_options(alpha_iters, alpha_lr, alpha_state, return_coefficients)
     if options and not any(m.final == "alpha" for m in ms):
-        raise CertorchError("alpha_iters/alpha_lr/alpha_state/return_coefficients/alpha_reference apply to method "
-                            f"alpha-crown, not {ms[0].name!r}")
+        raise CertorchError(f"alpha_iters/alpha_lr/alpha_state/return_coefficients apply to method alpha-crown, not {ms[0].name!r}")
     if projections is not None:
         if not any(m.supports_projections for m in ms):
             raise CertorchError(f"projections are supported by methods zonotope and dual, not {ms[0].name!r}")

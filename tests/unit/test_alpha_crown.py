@@ -231,7 +231,6 @@ def test_slopes_stay_in_the_unit_interval():
     (dict(alpha_lr=-1.0), "alpha_lr"),
     (dict(alpha_lr=float("nan")), "alpha_lr"),
     (dict(alpha_state={"lower": {}}), "AlphaState"),
-    (dict(alpha_reference="no"), "alpha_reference"),
 ])
 def test_bad_options_are_one_line_errors(kwargs, msg):
     model, (x, y) = _mlp(8), _inputs(8)
@@ -243,48 +242,6 @@ def test_alpha_options_with_another_method_are_refused():
     model, (x, y) = _mlp(8), _inputs(8)
     with pytest.raises(CertorchError, match="alpha-crown"):
         ct.bound(model, x, 0.1, method="crown", y=y, alpha_iters=3)
-
-
-def _warm_given_call(monkeypatch=None):
-    model, (x, y), eps = _mlp(5), _inputs(5, 4), 0.15
-    crown = ct.bound(model, x, eps, method="crown", y=y, upper=False, return_intermediate=True).intermediate
-    kw = dict(method="alpha-crown", y=y, upper=False, intermediate_bounds={k: crown[k] for k in ("1", "3", "5")})
-    state = ct.bound(model, x, eps, alpha_iters=6, **kw).extra["alpha"]
-    return model, x, eps, dict(kw, alpha_state=state, alpha_iters=2)
-
-
-def test_without_the_reference_pass_warm_bounds_skip_one_pass_and_stay_sound(monkeypatch):
-    import certorch.bounds.alpha as alpha
-
-    model, x, eps, kw = _warm_given_call()
-    calls = []
-    real = alpha.backward_bounds
-    monkeypatch.setattr(alpha, "backward_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with_ref = ct.bound(model, x, eps, **kw)
-    assert len(calls) == 1  # the plain CROWN reference (the iterations go through chunked_bounds)
-    without = ct.bound(model, x, eps, alpha_reference=False, **kw)
-    assert len(calls) == 1
-    assert (without.lower <= with_ref.lower + 1e-12).all()  # the best of fewer candidates
-    assert (without.lower > with_ref.lower - 1e-6).all()  # warm slopes: the reference was not the best here
-    pts = sample_box(ct.linf_ball(x, eps), 2000, torch.Generator().manual_seed(5))
-    vals = spec_values(model, pts, ct.margin_matrix(kw["y"], 5).to(torch.float64))
-    assert (without.lower[None] <= vals + 1e-9).all()
-
-
-def test_without_the_reference_a_first_pass_cut_by_the_deadline_raises(monkeypatch):
-    """The reference is the bound kept when no iteration finishes: without it there is none."""
-    import certorch.bounds.alpha as alpha
-    from certorch.errors import DeadlineExceeded
-
-    model, x, eps, kw = _warm_given_call()
-
-    def cut(*a, **k):
-        raise DeadlineExceeded("cut")
-
-    monkeypatch.setattr(alpha, "chunked_bounds", cut)
-    assert torch.isfinite(ct.bound(model, x, eps, **kw).lower).all()  # the reference's CROWN bound
-    with pytest.raises(DeadlineExceeded):
-        ct.bound(model, x, eps, alpha_reference=False, **kw)
 
 
 def test_state_of_another_network_or_batch_is_refused():
