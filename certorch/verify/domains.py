@@ -60,12 +60,8 @@ class Domains:
         return self.lb.shape[0]
 
     def select(self, idx: Tensor) -> "Domains":
-        return Domains(self.rows[idx], self.lb[idx], self.sound[idx], self.box[idx],
-                       {k: v[idx] for k, v in self.splits.items()},
-                       {k: v[idx] for k, v in self.bounds.items()},
-                       self.alpha.select(idx) if self.alpha is not None else None,
-                       {k: v[idx] for k, v in self.coeffs.items()},
-                       self.choice[idx] if self.choice is not None else None)
+        return _build({k: v[idx] for k, v in _leaves(self).items()}, _alpha_ids(self),
+                      self.alpha.signature if self.alpha is not None else None)
 
     @staticmethod
     def cat(parts: list["Domains"]) -> "Domains":
@@ -92,12 +88,7 @@ class Domains:
         return problem.region_max(self.sound).amin(dim=1)
 
     def nbytes(self) -> int:
-        ts = [self.rows, self.lb, self.sound, self.box.lower, self.box.upper, *self.splits.values(), *self.coeffs.values()]
-        ts += [self.choice] if self.choice is not None else []
-        ts += [t for b in self.bounds.values() for t in (b.lower, b.upper)]
-        if self.alpha is not None:
-            ts += [v for side in self.alpha.sides.values() for _, v in side.values()]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in _leaves(self).values())
 
 
 def _leaves(doms: Domains) -> dict[tuple, Tensor]:
