@@ -30,7 +30,9 @@ rows (B, k, C * kh * kw) (see :mod:`certorch.bounds.patches`). The result carrie
 :class:`AlphaState` (``BoundResult.extra["alpha"]``) that a later call takes back
 (``alpha_state=``): slopes are matched by row identity (target neuron or spec row), so a warm
 start works when the set of intermediate rows changes (e.g. a sub-box in branch and bound);
-rows it does not know start from CROWN's slopes.
+rows it does not know start from CROWN's slopes. Rows (or, with optimised intermediate slopes,
+examples) where no iteration beat the CROWN reference are exported unknown (NaN), so a warm
+start begins from the slopes of the best bound found, not from a worse iteration's.
 
 The result is not differentiable (the slopes are optimised inside; the returned bounds are
 detached).
@@ -348,17 +350,20 @@ def alpha_bounds(ctx: BoundContext, C: Tensor, upper: bool = True) -> tuple[Tens
 def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int, Box], opts: AlphaOptions,
               warm: dict | None) -> tuple[Tensor, dict, dict[int, Box]]:
     """Maximise the lower bounds of ``C . f`` over the slopes. Returns (best lower bounds (B, S),
-    exported best slopes (per spec row when only the spec's rows have slopes, else per example),
-    intersected intermediate bounds)."""
+    exported best slopes (per spec row when only the spec's rows have slopes, else per example;
+    NaN where no iteration beat the CROWN reference), intersected intermediate bounds)."""
     out = ctx.graph.output
     S = C.shape[1]
     ids = torch.arange(S, device=C.device)
     store = AlphaSlopes(warm, out, beta=bool(ctx.splits), record=bool(ctx.options.get("alpha_coefficients")))
     best = ref_low.detach().clone()
     best_boxes = dict(ref_boxes)
-    best_sum = torch.full((ctx.batch,), -math.inf, dtype=best.dtype, device=best.device)
+    # the reference is the first candidate: slopes are exported where an iteration beat it, NaN
+    # (unknown: CROWN's slopes when warm-started) where it did not, so a warm start from the
+    # state reproduces the best bound found, also when that is the reference's
+    best_sum = best.sum(1)
     best_alpha: dict[tuple, Tensor] = {}
-    best_rows = torch.full_like(best, -math.inf)
+    best_rows = best.clone()
     opt = None
     for t in range(opts.iters):
         it = _fresh(ctx, intermediate="crown", alpha=store)
@@ -383,13 +388,15 @@ def _optimise(ctx: BoundContext, C: Tensor, ref_low: Tensor, ref_boxes: dict[int
             row_better = low.detach() > best_rows  # (B, S)
             best_rows = torch.maximum(best_rows, low.detach())
             for key, a in store.slots.items():
-                if key not in best_alpha:
-                    best_alpha[key] = a.detach().clone()
-                elif per_row and a.dim() == 3 and a.shape[1] == store.slot_ids[key].numel():
+                kept = best_alpha.get(key)
+                if kept is None:
+                    kept = torch.full_like(a, math.nan)
+                if per_row and a.dim() == 3 and a.shape[1] == store.slot_ids[key].numel():
                     m = row_better[:, store.slot_ids[key].to(row_better.device)].unsqueeze(-1)  # (B, k, 1)
-                    best_alpha[key] = torch.where(m, a.detach(), best_alpha[key])
+                    best_alpha[key] = torch.where(m, a.detach(), kept)
                 else:
-                    best_alpha[key][better] = a.detach()[better]
+                    kept[better] = a.detach()[better]
+                    best_alpha[key] = kept
         keys = list(store.slots)
         params = [store.slots[k] for k in keys]
         if t == opts.iters - 1 or not params or not low.requires_grad:

@@ -143,6 +143,26 @@ def test_with_fixed_intermediate_bounds_the_state_reproduces_every_rows_best_bou
     assert (again.lower >= cold.lower - 1e-9).all()
 
 
+def test_rows_where_the_crown_reference_was_not_beaten_export_unknown_slopes():
+    """A warm start from slopes worse than CROWN's keeps CROWN's bound (the reference) and must
+    export CROWN's slopes (unknown, NaN), not the worse ones: branch and bound's children start
+    from the exported state, and from the worse slopes they would keep losing to the reference.
+    Rows where the warm slopes won keep them."""
+    model, (x, y), eps = _mlp(5), _inputs(5, 4), 0.15
+    crown = ct.bound(model, x, eps, method="crown", y=y, upper=False, return_intermediate=True)
+    given = {k: crown.intermediate[k] for k in ("1", "3", "5")}
+    kw = dict(method="alpha-crown", y=y, upper=False, intermediate_bounds=given)
+    state = ct.bound(model, x, eps, alpha_iters=12, **kw).extra["alpha"]
+    zeros = AlphaState(state.signature, state.batch,
+                       {side: {k: (ids, torch.zeros_like(v)) for k, (ids, v) in d.items()} for side, d in state.sides.items()})
+    warm = ct.bound(model, x, eps, alpha_iters=1, alpha_state=zeros, **kw)
+    lost = warm.lower <= crown.lower.detach()  # (B, S): the zero slopes did not beat CROWN's
+    assert lost.any() and not lost.all()
+    for (ids, slopes) in warm.extra["alpha"].sides["lower"].values():
+        assert torch.equal(torch.isnan(slopes).all(-1), lost[:, ids])
+        assert not torch.isnan(slopes[~lost[:, ids]]).any()
+
+
 def _small_map_conv(seed: int) -> nn.Module:
     """Conv rows on a 4x4 map: a conv target's windows turn dense two ReLUs back (too wide)."""
     torch.manual_seed(seed)

@@ -531,11 +531,11 @@ def test_a_search_cut_while_bounding_children_reports_a_bound_below_the_parents_
     p = _problem(model, x, y, 0.25)
     real, seen = bab.bound_children, []
 
-    def cut(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor, sound, search):
+    def cut(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor, sound, search, lr=None):
         seen.append(float(problem.region_max(sound).amin(1).min()))  # lowest proven bound among the parents
         if len(seen) == 3:
             raise DeadlineExceeded("cut")
-        return real(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor, sound, search)
+        return real(problem, i, net, box, splits, given, alpha, iters, deadline, refine, floor, sound, search, lr)
 
     monkeypatch.setattr(bab, "bound_children", cut)
     r = branch_and_bound(p, 0, math.inf, BabOptions(batch=2, iters=2))

@@ -239,9 +239,10 @@ def test_lp_and_milp_skip_networks_they_cannot_encode_without_error():
 def test_the_bab_stage_takes_its_options_after_its_name():
     from certorch.verify.bab import BabStage
 
-    stages = build_stages("pgd,crown,bab:branch_candidates=3:low_precision=false:batch=16")
+    stages = build_stages("pgd,crown,bab:branch_candidates=3:low_precision=false:batch=16:lr=0.25")
     bab = next(s for s in stages if isinstance(s, BabStage))
-    assert (bab.options.branch_candidates, bab.options.low_precision, bab.options.batch) == (3, False, 16)
+    o = bab.options
+    assert (o.branch_candidates, o.low_precision, o.batch, o.lr) == (3, False, 16, 0.25)
     assert next(s for s in build_stages("bab") if isinstance(s, BabStage)).options == BabStage().options
 
 
@@ -251,6 +252,9 @@ def test_the_bab_stage_takes_its_options_after_its_name():
     ("bab:batch=many", "integer"),
     ("bab:refine=maybe", "true or false"),
     ("bab:branch_candidates=0", "branch_candidates"),
+    ("bab:lr=fast", "a number"),
+    ("bab:lr=0", "positive finite"),
+    ("bab:lr=nan", "positive finite"),
     ("crown:batch=2", "only the bab stage"),
 ])
 def test_bad_bab_options_are_one_line_errors(text, match):
