@@ -112,7 +112,8 @@ class BabOptions:
     alpha-CROWN stage ran before and its slopes warm-start the root); ``lr``: Adam's learning rate of
     the children's slopes (warm-started from their parent's: alpha-CROWN's cold-start 0.5 moves
     every slope by about 0.5 in the first step, and measured, the warm slopes then beat both
-    following iterations on 80 % of the rows);
+    following iterations on 80 % of the rows), and of the root's when the alpha-CROWN stage's
+    slopes warm-start it (cold, the root optimises at alpha-CROWN's 0.5);
     ``max_bytes``: memory bound of the domain queue; ``input_split_dims``: split the input box
     instead of ReLUs when the input has at most this many elements; ``attack_steps``:
     sign-gradient steps from each child's bound minimiser; ``refine``: recompute the children's
@@ -459,9 +460,9 @@ def branch_and_bound(problem: Problem, i: int, deadline: float = math.inf,
     try:
         given = {} if input_mode else _known_bounds(problem, i, net, deadline)
         # warm slopes of the alpha-CROWN stage are already optimised for these bounds: a few passes
-        # only recover the coefficients and the state for the children
-        iters = options.iters if warm is not None else options.root_iters
-        root = bound_domains(problem, i, net, box, {}, given, warm, iters, deadline)
+        # at the children's rate only recover the coefficients and the state for the children
+        iters, lr = (options.iters, options.lr) if warm is not None else (options.root_iters, None)
+        root = bound_domains(problem, i, net, box, {}, given, warm, iters, deadline, lr=lr)
     except DeadlineExceeded:
         return BabResult(None, -math.inf, timed_out=True, message="bab: out of time at the root")
     search = _search_dtype(problem, net, given, input_mode, options)

@@ -213,6 +213,29 @@ def test_bab_splits_relus_and_bounds_children_in_one_call_per_step(monkeypatch):
     assert all(c % 2 == 0 for c in calls[1:])
 
 
+@pytest.mark.parametrize("stages, expected", [("bab", (20, None)), ("alpha-crown,bab", (3, 0.1))])
+def test_a_root_warm_started_by_alpha_crown_optimises_at_the_childrens_rate(monkeypatch, stages, expected):
+    """Cold, the root runs root_iters at alpha-CROWN's own rate; warm-started from the alpha-CROWN
+    stage's slopes, it runs iters at the children's rate (a 0.5 step would throw the warm slopes away)."""
+    import certorch.verify.bab as bab
+
+    roots = []
+    real = bab.bound_domains
+
+    def recording(problem, i, net, box, splits, given, alpha, iters, deadline, *a, **k):
+        if not splits:  # the root: no split yet
+            roots.append((iters, k.get("lr")))
+        return real(problem, i, net, box, splits, given, alpha, iters, deadline, *a, **k)
+
+    monkeypatch.setattr(bab, "bound_domains", recording)
+    model = _net(3, (20, 24, 16, 3))
+    x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    r = certify_batch(model, x, y, 0.25, stages=stages, timeout=60)[0]
+    assert r.stage == "bab" and roots == [expected]
+
+
 def test_bab_stops_at_its_memory_bound_with_a_message():
     model = _net(3, (20, 24, 16, 3))
     x = torch.rand(1, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
