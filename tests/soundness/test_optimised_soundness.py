@@ -11,7 +11,7 @@ are optimised over thousands of neurons and the search splits many of them:
   float32 model (the float32 search), reaches the complete MILP's verdict on a trained MLP and
   a trained conv net; a proof's margin lower bound lies below every sampled and PGD margin, and
   a counterexample is inside the box and violates the property.
-Run with ``pytest -m slow tests/soundness/test_optimised_soundness.py`` (about 10 minutes,
+Run with ``pytest -m slow tests/soundness/test_optimised_soundness.py`` (about 12 minutes,
 one thread).
 """
 from __future__ import annotations
