@@ -32,14 +32,6 @@ from tests.soundness.test_bounds_soundness import MEDIUM, SMALL, _model
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _alpha_case(model, x, y, eps, n):
     C = ct.margin_matrix(y, 10).double()
     with torch.no_grad():

@@ -19,13 +19,3 @@ def trained_mlp():
         torch.nn.functional.cross_entropy(model(X), Y).backward()
         opt.step()
     return model.eval(), X[:32], Y[:32]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not fight other processes.
-    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ from tests.soundness.bound_checks import assert_within, pgd_points, sample_box, 
 from tests.soundness.test_bounds_hypothesis import _conv, _dense, _residual
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int, widths=(16, 24, 24, 24, 5)) -> nn.Module:
