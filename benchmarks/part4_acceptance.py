@@ -16,7 +16,7 @@ skips the examples already in its results):
   images ``certify-crown`` left undecided, carrying its sound verdicts over
   (``certorch certify --refine ... --sample K --seed S``), which estimates the certified accuracy
   of the whole test set with a 95 % interval (docs/training.md's at-a-glance table:
-  ``--sample 150 --timeout 15 --n-complete 0``).
+  ``--sample 300 --timeout 15 --n-complete 0``).
 
 Prints a markdown table (``--out`` also writes it).
 """
