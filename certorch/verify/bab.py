@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,7 @@ from certorch.domains.box import Box
 from certorch.errors import CertorchError, DeadlineExceeded
 from certorch.graph.capture import capture
 from certorch.verify.domains import DomainQueue, Domains
+from certorch.verify.options import parse_stage_options
 from certorch.verify.results import Verdict
 from certorch.verify.stages import Problem, Stage, StageOutput, crown_intermediate, float64_forward
 
@@ -149,25 +150,7 @@ class BabOptions:
     def parse(cls, text: str) -> "BabOptions":
         """Options from ``key=value`` pairs separated by ``:`` (a stage name's suffix,
         ``bab:branch_candidates=3:batch=32``); unknown keys and bad values are one-line errors."""
-        defaults = cls()
-        kw: dict[str, int | float | bool] = {}
-        for item in filter(None, text.split(":")):
-            key, eq, value = (t.strip() for t in item.partition("="))
-            if not eq or not hasattr(defaults, key):
-                valid = ", ".join(f.name for f in fields(cls))
-                raise CertorchError(f"bab option {item!r} is not key=value with a key among: {valid}")
-            if isinstance(getattr(defaults, key), bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise CertorchError(f"bab option {key} takes true or false, got {value!r}")
-                kw[key] = value.lower() in ("true", "1")
-            else:
-                kind = type(getattr(defaults, key))
-                try:
-                    kw[key] = kind(value)
-                except ValueError:
-                    raise CertorchError(f"bab option {key} takes {'an integer' if kind is int else 'a number'}, "
-                                        f"got {value!r}") from None
-        return cls(**kw)
+        return parse_stage_options(cls, text, "bab")
 
 
 @dataclass

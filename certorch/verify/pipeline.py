@@ -35,8 +35,8 @@ from certorch.verify.bab import BabOptions, BabStage
 from certorch.verify.lp import LPStage
 from certorch.verify.milp import MilpStage
 from certorch.verify.results import Verdict, VerificationResult
-from certorch.verify.stages import (AlphaCrownStage, AttackStage, BoundStage, CleanStage, LinfDistStage, Problem,
-                                    Stage, StageOutput, float64_forward)
+from certorch.verify.stages import (AlphaCrownOptions, AlphaCrownStage, AttackStage, BoundStage, CleanStage,
+                                    LinfDistStage, Problem, Stage, StageOutput, float64_forward)
 
 DEFAULT_STAGES = ("pgd", "ibp", "crown", "alpha-crown", "bab", "milp")
 REFINE_BINARIES = 50
@@ -59,7 +59,8 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
     ``["pgd", "crown", BabStage(BabOptions(low_precision=False))]``); a name or object twice is
     kept once. For L_inf-dist nets ``ibp``/``crown`` become ``linf`` and the LP/MILP stages are
     dropped (their neurons have no LP encoding). ``bab`` takes :class:`BabOptions` after its name
-    (``bab:branch_candidates=3:batch=32``).
+    (``bab:branch_candidates=3:batch=32``), ``alpha-crown`` :class:`AlphaCrownOptions`
+    (``alpha-crown:iters=5``).
     """
     if isinstance(names, str):
         names = [s.strip() for s in names.split(",") if s.strip()]
@@ -70,8 +71,8 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
         if not isinstance(given, (str, Stage)):
             raise CertorchError(f"a verification stage is a name or a Stage object, got {type(given).__name__}")
         n, options = (given.name, "") if isinstance(given, Stage) else given.lower().partition(":")[::2]
-        if options and n != "bab":
-            raise CertorchError(f"only the bab stage takes options (name:key=value), got {given!r}")
+        if options and n not in ("bab", "alpha-crown"):
+            raise CertorchError(f"only the bab and alpha-crown stages take options (name:key=value), got {given!r}")
         if linf and n in _BOUND_METHODS and isinstance(given, str):
             n = "linf"
         if linf and n in _COMPLETE_ONLY or n in seen:
@@ -82,7 +83,11 @@ def build_stages(names: Sequence[str] | str, model: nn.Module | None = None) -> 
         elif n in ("pgd", "cw"):
             out.append(AttackStage(n))
         elif n in _BOUND_METHODS:
-            out.append(AlphaCrownStage() if n == "alpha-crown" else BoundStage(n))
+            if n == "alpha-crown":
+                o = AlphaCrownOptions.parse(options)
+                out.append(AlphaCrownStage(o.iters, o.lr, o.low_precision))
+            else:
+                out.append(BoundStage(n))
         elif n == "linf":
             out.append(LinfDistStage())
         elif n == "lp":

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from certorch.bounds.alpha import DEFAULT_ITERS, DEFAULT_LR, check_options
 from certorch.domains.box import Box
 from certorch.errors import CertorchError
+from certorch.verify.options import parse_stage_options
 from certorch.verify.results import Verdict
 
 
@@ -200,6 +202,26 @@ class BoundStage(Stage):
 
     def after_bound(self, problem: Problem, idx: Tensor, res) -> None:
         """Hook after the bound call (e.g. keep method outputs in ``problem.scratch``)."""
+
+
+@dataclass(frozen=True)
+class AlphaCrownOptions:
+    """Settings of the ``alpha-crown`` stage, also written after its name
+    (``alpha-crown:iters=5:lr=0.5``): ``iters`` slope-optimisation iterations, ``lr`` Adam's
+    learning rate, ``low_precision`` optimise the slopes in the model's dtype and certify with
+    one float64 pass (see :class:`AlphaCrownStage`). Fewer iterations leave more of a per-example
+    timeout to a following ``bab`` stage (docs/verification.md, "alpha-CROWN iterations")."""
+
+    iters: int = DEFAULT_ITERS
+    lr: float = DEFAULT_LR
+    low_precision: bool = True
+
+    def __post_init__(self):
+        check_options(self.iters, self.lr)
+
+    @classmethod
+    def parse(cls, text: str) -> "AlphaCrownOptions":
+        return parse_stage_options(cls, text, "alpha-crown")
 
 
 class AlphaCrownStage(BoundStage):

@@ -255,8 +255,49 @@ def test_the_bab_stage_takes_its_options_after_its_name():
     ("bab:lr=fast", "a number"),
     ("bab:lr=0", "positive finite"),
     ("bab:lr=nan", "positive finite"),
-    ("crown:batch=2", "only the bab stage"),
+    ("bab:parse=1", "bab option"),  # an attribute of the options class that is not an option
+    ("crown:batch=2", "only the bab and alpha-crown stages"),
 ])
 def test_bad_bab_options_are_one_line_errors(text, match):
     with pytest.raises(CertorchError, match=match):
         build_stages(text)
+
+
+def test_the_alpha_crown_stage_takes_its_options_after_its_name():
+    from certorch.bounds.alpha import DEFAULT_ITERS, DEFAULT_LR
+    from certorch.verify.stages import AlphaCrownStage
+
+    stage = next(s for s in build_stages("pgd,alpha-crown:iters=5:lr=0.25:low_precision=false,bab")
+                 if isinstance(s, AlphaCrownStage))
+    assert (stage.iters, stage.lr, stage.low_precision) == (5, 0.25, False)
+    plain = next(s for s in build_stages("alpha-crown") if isinstance(s, AlphaCrownStage))
+    assert (plain.iters, plain.lr, plain.low_precision) == (DEFAULT_ITERS, DEFAULT_LR, True)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("alpha-crown:steps=5", "alpha-crown option"),
+    ("alpha-crown:iters=0", "alpha_iters must be a positive integer"),
+    ("alpha-crown:iters=2.5", "an integer"),
+    ("alpha-crown:lr=-1", "alpha_lr must be a positive finite number"),
+    ("alpha-crown:low_precision=perhaps", "true or false"),
+])
+def test_bad_alpha_crown_options_are_one_line_errors(text, match):
+    with pytest.raises(CertorchError, match=match):
+        build_stages(text)
+
+
+def test_the_alpha_crown_iterations_reach_the_slope_optimisation(data, monkeypatch):
+    import certorch.bounds.api as api
+
+    seen = []
+    real = api.bound
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("alpha_iters"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "bound", spy)
+    model, x, y = data
+    certify_batch(model, x[:2], y[:2], eps=0.3, stages="alpha-crown:iters=3", timeout=30)
+    assert 3 in seen  # the optimisation in the model's dtype; then one float64 evaluation pass
+    assert set(seen) <= {3, 1}
