@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps-sweep", default=None, help="comma-separated radii; also plots certified accuracy vs eps")
     p.add_argument("--n", type=int, default=1000, help="first N test examples (default 1000)")
     p.add_argument("--stages", default="pgd,ibp,crown,alpha-crown,bab,milp",
-                   help="comma-separated stages, in order (default: the pipeline's)")
+                   help="comma-separated stages, in order (default: the pipeline's); bab and alpha-crown "
+                        "take options, e.g. alpha-crown:iters=5,bab:branch_candidates=3")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per example (default 60)")
     p.add_argument("--workers", type=int, default=1, help="parallel Ray workers (default 1: in-process)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster at HOST:PORT")

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="RESULT", help="also write the result to this file")
     p.add_argument("--stages", default=None,
                    help="comma-separated verification stages (default: the pipeline's: pgd,ibp,crown,alpha-crown,bab,milp); "
-                        "bab takes options, e.g. bab:branch_candidates=3:batch=32")
+                        "bab and alpha-crown take options, e.g. bab:branch_candidates=3:batch=32, alpha-crown:iters=5")
     p.add_argument("--threads", type=int, default=1, help="solver threads (default 1)")
     p.add_argument("--verbose", action="store_true", help="LP/MILP solver logs on stderr (stdout stays the result)")
 
