@@ -16,12 +16,12 @@ def parse_stage_options(cls: type[T], text: str, stage: str) -> T:
     the type of the field's default (bool: true/false/1/0; int; float). ``stage`` names the
     stage in error messages."""
     defaults = cls()
+    names = [f.name for f in fields(cls)]
     kw: dict[str, int | float | bool] = {}
     for item in filter(None, text.split(":")):
         key, eq, value = (t.strip() for t in item.partition("="))
-        if not eq or key not in {f.name for f in fields(cls)}:
-            valid = ", ".join(f.name for f in fields(cls))
-            raise CertorchError(f"{stage} option {item!r} is not key=value with a key among: {valid}")
+        if not eq or key not in names:
+            raise CertorchError(f"{stage} option {item!r} is not key=value with a key among: {', '.join(names)}")
         if isinstance(getattr(defaults, key), bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise CertorchError(f"{stage} option {key} takes true or false, got {value!r}")

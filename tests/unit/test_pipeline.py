@@ -257,8 +257,13 @@ def test_the_bab_stage_takes_its_options_after_its_name():
     ("bab:lr=nan", "positive finite"),
     ("bab:parse=1", "bab option"),  # an attribute of the options class that is not an option
     ("crown:batch=2", "only the bab and alpha-crown stages"),
+    ("alpha-crown:steps=5", "alpha-crown option"),
+    ("alpha-crown:iters=0", "alpha_iters must be a positive integer"),
+    ("alpha-crown:iters=2.5", "an integer"),
+    ("alpha-crown:lr=-1", "alpha_lr must be a positive finite number"),
+    ("alpha-crown:low_precision=perhaps", "true or false"),
 ])
-def test_bad_bab_options_are_one_line_errors(text, match):
+def test_bad_stage_options_are_one_line_errors(text, match):
     with pytest.raises(CertorchError, match=match):
         build_stages(text)
 
@@ -272,18 +277,6 @@ def test_the_alpha_crown_stage_takes_its_options_after_its_name():
     assert (stage.iters, stage.lr, stage.low_precision) == (5, 0.25, False)
     plain = next(s for s in build_stages("alpha-crown") if isinstance(s, AlphaCrownStage))
     assert (plain.iters, plain.lr, plain.low_precision) == (DEFAULT_ITERS, DEFAULT_LR, True)
-
-
-@pytest.mark.parametrize("text, match", [
-    ("alpha-crown:steps=5", "alpha-crown option"),
-    ("alpha-crown:iters=0", "alpha_iters must be a positive integer"),
-    ("alpha-crown:iters=2.5", "an integer"),
-    ("alpha-crown:lr=-1", "alpha_lr must be a positive finite number"),
-    ("alpha-crown:low_precision=perhaps", "true or false"),
-])
-def test_bad_alpha_crown_options_are_one_line_errors(text, match):
-    with pytest.raises(CertorchError, match=match):
-        build_stages(text)
 
 
 def test_the_alpha_crown_iterations_reach_the_slope_optimisation(data, monkeypatch):
